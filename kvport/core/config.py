@@ -1,0 +1,142 @@
+"""One validated dataclass tree for all of kvport's configuration.
+
+Configuration flows one way: the user (CLI, `LLM(...)`) builds an `EngineConfig`, the selected
+Platform adjusts it once in `check_and_update_config`, and everything downstream reads it.
+Every check raises `ConfigError` naming the field, so bad input never reaches the engine.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
+                  "fp16": "float16", "half": "float16"}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field."""
+
+
+def parse_bytes(value: int | str | None, field_name: str) -> int | None:
+    """Parse `4GiB`, `512MB`, `1e9` or a plain int into bytes (None passes through)."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise ConfigError(f"{field_name} must be positive, got {value}")
+        return value
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]i?B?|B)?\s*", str(value), re.IGNORECASE)
+    if not match:
+        raise ConfigError(f"{field_name}: cannot parse {value!r} as a size (e.g. 4GiB, 512MB)")
+    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    scale = {"B": 1, "K": 10**3, "KB": 10**3, "KIB": 2**10, "KI": 2**10,
+             "M": 10**6, "MB": 10**6, "MIB": 2**20, "MI": 2**20,
+             "G": 10**9, "GB": 10**9, "GIB": 2**30, "GI": 2**30,
+             "T": 10**12, "TB": 10**12, "TIB": 2**40, "TI": 2**40}[unit]
+    result = int(number * scale)
+    if result <= 0:
+        raise ConfigError(f"{field_name} must be positive, got {value!r}")
+    return result
+
+
+def normalize_dtype(dtype: str) -> str:
+    """Map user spellings (bf16, half, ...) to one of DTYPES or raise ConfigError."""
+    name = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return name
+
+
+@dataclass
+class ModelConfig:
+    """What to serve. `model=None` means the embedded SmolLM2-135M-Instruct."""
+    model: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    served_model_name: str | None = None
+    seed: int = 0
+
+    def validate(self) -> None:
+        self.dtype = normalize_dtype(self.dtype)
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    """The paged KV cache. `num_blocks` overrides memory-based sizing (tests, debugging)."""
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_memory: int | str | None = None
+    gpu_memory_utilization: float = 0.9
+    num_blocks: int | None = None
+
+    def validate(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a positive power of two, got {self.block_size}")
+        self.kv_cache_memory = parse_bytes(self.kv_cache_memory, "kv_cache_memory")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1], "
+                              f"got {self.gpu_memory_utilization}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError(f"num_blocks must be >= 1, got {self.num_blocks}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits per engine step."""
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_waiting_requests: int | None = None
+
+    def validate(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ConfigError("max_num_batched_tokens must be >= 1, "
+                              f"got {self.max_num_batched_tokens}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            raise ConfigError("max_waiting_requests must be >= 0, "
+                              f"got {self.max_waiting_requests}")
+
+
+@dataclass
+class DeviceConfig:
+    """Which platform plugin runs the model, and which attention backend it uses."""
+    device: str | None = None
+    attention_backend: str | None = None
+    num_threads: int | None = None
+
+    def validate(self) -> None:
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
+
+
+@dataclass
+class EngineConfig:
+    """The root of the tree. Call `validate()` after building; the Platform may then adjust it."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    def validate(self) -> "EngineConfig":
+        self.model.validate()
+        self.cache.validate()
+        self.scheduler.validate()
+        self.device.validate()
+        return self
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments (`LLM(...)`, CLI); unknown names raise ConfigError."""
+        sections = {"model": ModelConfig, "cache": CacheConfig,
+                    "scheduler": SchedulerConfig, "device": DeviceConfig}
+        parts: dict[str, dict] = {name: {} for name in sections}
+        for key, value in kwargs.items():
+            owner = next((name for name, klass in sections.items()
+                          if key in klass.__dataclass_fields__), None)
+            if owner is None:
+                raise ConfigError(f"unknown option {key!r}")
+            parts[owner][key] = value
+        return cls(**{name: klass(**parts[name]) for name, klass in sections.items()}).validate()

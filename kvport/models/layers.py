@@ -1,0 +1,182 @@
+"""Building blocks shared by the decoder families: RMSNorm, rotary embedding, gated MLP.
+
+Token layout everywhere: a step's tokens are flattened, so activations are [T, hidden] and
+per-head tensors [T, heads, head_size]; there is no batch dimension.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DEFAULT_ROPE_THETA = 10000.0
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Hugging Face's LlamaRMSNorm.
+
+    `forward(x, residual)` fuses the residual add the decoder layers need:
+    it returns (norm(x + residual), x + residual).
+    """
+
+    def __init__(self, size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}"
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary position embedding
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """The rotary parameters of a model, whichever transformers version wrote its config."""
+    rope_type: str = "default"
+    theta: float = DEFAULT_ROPE_THETA
+    factor: float = 1.0                       # linear, llama3
+    low_freq_factor: float = 1.0              # llama3
+    high_freq_factor: float = 4.0             # llama3
+    original_max_position_embeddings: int | None = None   # llama3
+
+
+def parse_rope_config(hf_config: dict[str, Any]) -> RopeConfig:
+    """Read rope settings from an HF-style config dict.
+
+    transformers 4.x writes `rope_theta` plus an optional `rope_scaling` dict (with `type` or
+    `rope_type`); 5.x writes one `rope_parameters` dict holding `rope_type`, `rope_theta` and
+    the scaling values. Raises ValueError for rope types this engine does not implement.
+    """
+    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope parameters must be a dict, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope parameters "
+                         f"({', '.join(params)}) are not supported by this model family")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
+    theta = params.get("rope_theta") or hf_config.get("rope_theta") or DEFAULT_ROPE_THETA
+    if rope_type == "default":
+        return RopeConfig(theta=float(theta))
+    if "factor" not in params:
+        raise ValueError(f"rope type {rope_type!r} needs a 'factor' in the rope parameters")
+    if rope_type == "linear":
+        return RopeConfig("linear", float(theta), factor=float(params["factor"]))
+    original = (params.get("original_max_position_embeddings")
+                or hf_config.get("original_max_position_embeddings")
+                or hf_config.get("max_position_embeddings"))
+    return RopeConfig("llama3", float(theta), factor=float(params["factor"]),
+                      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                      original_max_position_embeddings=int(original))
+
+
+def rope_inv_freq(rope: RopeConfig, head_size: int, device=None) -> torch.Tensor:
+    """[head_size // 2] float32 inverse frequencies, computed as transformers computes them."""
+    exponents = torch.arange(0, head_size, 2, dtype=torch.int64, device=device).float() / head_size
+    inv_freq = 1.0 / (rope.theta ** exponents)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_freq_wavelen = old_len / rope.low_freq_factor
+        high_freq_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # long wavelengths are divided by factor, short ones kept, the band between smoothed
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor
+                                                              - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox / HF "rotate_half" rotation. x [T, heads, D]; cos, sin [T, D/2]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)               # [T, 1, D/2]
+    x1, x2 = x.chunk(2, dim=-1)                                  # [T, heads, D/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for every position below max_positions, precomputed in float32 and looked up
+    by the step's positions once per step; every layer then calls `apply_rotary`."""
+
+    def __init__(self, head_size: int, max_positions: int, rope: RopeConfig):
+        super().__init__()
+        if head_size % 2:
+            raise ValueError(f"rotary embedding needs an even head size, got {head_size}")
+        self.head_size, self.max_positions, self.rope = head_size, max_positions, rope
+        # [max_positions, head_size]: cos in the first half, sin in the second
+        self.register_buffer("cos_sin_cache", torch.empty(max_positions, head_size,
+                                                          dtype=torch.float32),
+                             persistent=False)
+        self.reset_cache()
+
+    @torch.no_grad()
+    def reset_cache(self) -> None:
+        """(Re)compute the cache on its current device, e.g. after `to_empty`."""
+        device = self.cos_sin_cache.device
+        if device.type == "meta":
+            return
+        inv_freq = rope_inv_freq(self.rope, self.head_size, device=device)
+        positions = torch.arange(self.max_positions, device=device).float()
+        freqs = positions[:, None] * inv_freq[None, :]           # [max_positions, D/2]
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+        self.cos_sin_cache = cache.to(self.cos_sin_cache.dtype)
+
+    def forward(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> cos, sin [T, head_size // 2] in `dtype`, for `apply_rotary`."""
+        cos, sin = self.cos_sin_cache[positions].to(dtype).chunk(2, dim=-1)
+        return cos, sin
+
+    def extra_repr(self) -> str:
+        return f"head_size={self.head_size}, max_positions={self.max_positions}, {self.rope}"
+
+
+# --------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 hidden_act: str = "silu"):
+        super().__init__()
+        if hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {hidden_act!r}; supported: silu")
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)         # [T, inter] each
+        return self.down_proj(F.silu(gate) * up)                # [T, hidden]

@@ -1,0 +1,50 @@
+"""Build a model on its device with its checkpoint's weights, without a random init.
+
+The model is constructed on the meta device (no memory, no init kernels), materialized
+uninitialized on the target device with `to_empty`, then every parameter is filled by
+`load_weights`, which refuses a checkpoint that leaves any parameter unset. Buffers that are
+computed rather than loaded (the rotary cos/sin cache) are recomputed by each module's
+`reset_cache()`.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from kvport.attention_backends.interface import AttentionBackend
+from kvport.core.model_info import ModelInfo
+from kvport.models.weights import iter_weights
+
+
+def build_model(model_info: ModelInfo, model_class: Callable[..., nn.Module],
+                torch_dtype: torch.dtype | str, attn_backend: AttentionBackend,
+                device: torch.device | str,
+                weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> nn.Module:
+    """`model_class(hf_config, attn_backend)` in `torch_dtype` on `device`, weights loaded,
+    in eval mode with gradients off.
+
+    `weights` (HF name, tensor) pairs replace reading the checkpoint with `iter_weights`.
+    """
+    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"torch_dtype must be a torch dtype or its name, got {torch_dtype!r}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = model_class(model_info.hf_config, attn_backend)
+    finally:
+        torch.set_default_dtype(previous)
+    model.to_empty(device=torch.device(device))
+    for module in model.modules():
+        reset = getattr(module, "reset_cache", None)
+        if callable(reset):
+            reset()
+    model.load_weights((name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+                       for name, tensor in (iter_weights(model_info) if weights is None
+                                            else weights))
+    model.eval()
+    model.requires_grad_(False)
+    return model

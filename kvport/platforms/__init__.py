@@ -1,0 +1,39 @@
+"""Platforms and plugins: the hook specification, the Platform interface and the registry.
+
+Importing this package imports neither torch nor jax.
+"""
+from kvport.platforms.hookspecs import (
+    ENTRY_POINT_GROUP,
+    PROJECT_NAME,
+    AttentionBackendRegistration,
+    ModelRegistration,
+    PlatformRegistration,
+    hookimpl,
+    hookspec,
+)
+from kvport.platforms.interface import Platform
+from kvport.platforms.registry import (
+    DEVICE_ENV,
+    DEVICE_PACKAGES,
+    PLUGINS_ENV,
+    AttentionBackendError,
+    DuplicateRegistrationError,
+    PlatformSelectionError,
+    PluginImportError,
+    PluginInfo,
+    PluginLoadFailure,
+    PluginRegistry,
+    UnsupportedModelError,
+    default_registry,
+    import_object,
+)
+
+__all__ = [
+    "ENTRY_POINT_GROUP", "PROJECT_NAME", "DEVICE_ENV", "DEVICE_PACKAGES", "PLUGINS_ENV",
+    "AttentionBackendRegistration", "ModelRegistration", "PlatformRegistration",
+    "hookimpl", "hookspec", "Platform",
+    "AttentionBackendError", "DuplicateRegistrationError", "PlatformSelectionError",
+    "PluginImportError", "UnsupportedModelError",
+    "PluginInfo", "PluginLoadFailure", "PluginRegistry",
+    "default_registry", "import_object",
+]

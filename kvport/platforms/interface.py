@@ -1,0 +1,68 @@
+"""The Platform interface: everything the core may ask about a kind of hardware.
+
+One Platform per plugin. The core never asks "is this CUDA?"; it asks a Platform a capability
+question. Importing a Platform module may import its framework (torch, jax): that only
+happens after selection. Availability is checked earlier, through the cheap callable given
+at registration (see hookspecs.PlatformRegistration), which must never raise.
+"""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+from kvport.core.config import EngineConfig
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class Platform(abc.ABC):
+    """A kind of device kvport can run on. Instantiated once, after selection."""
+
+    name: ClassVar[str] = ""                 # plugin-facing name, e.g. "cpu"
+    device_type: ClassVar[str] = ""          # what `--device` takes, e.g. "cpu", "cuda", "hpu"
+
+    @abc.abstractmethod
+    def total_memory_bytes(self) -> int:
+        """Total memory of the device the engine runs on, in bytes."""
+
+    @abc.abstractmethod
+    def free_memory_bytes(self) -> int:
+        """Memory the engine may still take on that device now, in bytes."""
+
+    @abc.abstractmethod
+    def supported_dtypes(self) -> tuple[str, ...]:
+        """Model dtypes this device computes in, best first ("bfloat16", "float32", ...)."""
+
+    @abc.abstractmethod
+    def default_dtype(self, checkpoint_dtype: str) -> str:
+        """The dtype `dtype="auto"` resolves to for a checkpoint stored in `checkpoint_dtype`."""
+
+    @abc.abstractmethod
+    def distributed_backend(self) -> str:
+        """torch.distributed / collective backend name: "nccl", "gloo", "hccl", "xla", ..."""
+
+    @abc.abstractmethod
+    def default_attention_backend(self, config: EngineConfig) -> str:
+        """Registered name of the attention backend to use when the user names none."""
+
+    @abc.abstractmethod
+    def worker_class(self) -> str:
+        """Dotted path ("package.module:Class") of this platform's Worker subclass."""
+
+    def check_and_update_config(self, config: EngineConfig) -> None:
+        """The one place a platform adjusts configuration (dtype, block size, graphs, ...).
+
+        The default resolves `dtype="auto"` with `default_dtype` later, once the checkpoint is
+        known, and rejects dtypes the device lacks. Override to add device rules; call super().
+        """
+        dtype = config.model.dtype
+        if dtype != "auto" and dtype not in self.supported_dtypes():
+            from kvport.core.config import ConfigError
+            raise ConfigError(f"dtype {dtype} is not supported on {self.device_type}; "
+                              f"supported: {', '.join(self.supported_dtypes())}")
+
+    def resolve_dtype(self, config: EngineConfig, checkpoint_dtype: str) -> str:
+        """The concrete dtype the model runs in."""
+        if config.model.dtype == "auto":
+            return self.default_dtype(checkpoint_dtype)
+        return config.model.dtype

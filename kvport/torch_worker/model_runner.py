@@ -1,0 +1,77 @@
+"""The torch model runner: request state, one forward pass per step, sampling.
+
+Shared by every torch platform (CPU, CUDA, ROCm, MPS, ...); a plugin subclasses only what its
+hardware needs.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
+from kvport.torch_worker.input_batch import build_step_inputs
+from kvport.torch_worker.request_state import RequestState
+from kvport.torch_worker.sampler import Sampler, SamplingMetadata
+
+
+class TorchModelRunner:
+    """Holds the model, its KV caches and every request's state on one torch device."""
+
+    def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
+                 device: torch.device, block_size: int, vocab_size: int):
+        self.model = model
+        self.attn_backend = attn_backend
+        self.kv_caches = kv_caches
+        self.device = device
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.sampler = Sampler()
+        self.states: dict[str, RequestState] = {}
+
+    def update_states(self, scheduler_output: SchedulerOutput) -> None:
+        """Drop freed requests, add new ones, extend block tables of the others."""
+        for req_id in scheduler_output.freed_req_ids:
+            self.states.pop(req_id, None)
+        for new in scheduler_output.new_requests:
+            self.states[new.req_id] = RequestState(
+                req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=new.sampling_params, block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens,
+                generator=self._generator(new.sample_seed))
+        for cached in scheduler_output.cached_requests:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _generator(self, seed: int | None) -> torch.Generator | None:
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        states = [self.states[r] for r in req_ids]
+        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        inputs = build_step_inputs(states, counts, self.block_size)
+        attn_metadata = self.attn_backend.build_metadata(inputs.attention, self.device)
+        hidden = self.model(torch.from_numpy(inputs.input_ids).to(self.device),
+                            torch.from_numpy(inputs.positions).to(self.device),
+                            self.kv_caches, attn_metadata)
+        for state, count in zip(states, counts):
+            state.num_computed_tokens += count
+        if not inputs.sampling_req_ids:
+            return ModelRunnerOutput()
+        logits_indices = torch.from_numpy(inputs.logits_indices).to(self.device)
+        logits = self.model.compute_logits(hidden[logits_indices])
+        sampling_states = [self.states[r] for r in inputs.sampling_req_ids]
+        metadata = SamplingMetadata.from_states(sampling_states, self.vocab_size, self.device)
+        token_ids, logprobs = self.sampler(logits, metadata)
+        sampled = token_ids.tolist()
+        for state, token_id in zip(sampling_states, sampled):
+            state.output_token_ids.append(token_id)
+        return ModelRunnerOutput(req_ids=inputs.sampling_req_ids, sampled_token_ids=sampled,
+                                 logprobs=logprobs)
