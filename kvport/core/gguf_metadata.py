@@ -1,6 +1,6 @@
 """Read a GGUF file's metadata into a Hugging Face style config dict (numpy only).
 
-Reading the tensors themselves is the model loader's job (kvport/models/gguf_loader.py).
+Reading the tensors themselves is the model loader's job (kvport/models/weights.py).
 """
 from __future__ import annotations
 
@@ -24,35 +24,25 @@ _KEYS = {
 }
 
 
-def _field_value(field) -> Any:
-    value = field.contents()
-    return value
-
-
 def read_gguf_config(path: str) -> tuple[str, dict[str, Any]]:
     """Return (gguf architecture name, HF-style config) for the GGUF file at `path`."""
+    from kvport.core.gguf_file import read_gguf_header
+
     try:
-        import gguf
-    except ImportError as exc:  # pragma: no cover - gguf is a core dependency
-        raise ConfigError("reading .gguf files needs the `gguf` package") from exc
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:
+        metadata, tensors = read_gguf_header(path)
+    except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read GGUF file {path!r}: {exc}") from exc
-    fields = reader.fields
-    arch = str(_field_value(fields["general.architecture"]))
+    arch = str(metadata.get("general.architecture", ""))
     config: dict[str, Any] = {"model_type": arch, "torch_dtype": "float32"}
     for suffix, hf_key in _KEYS.items():
-        field = fields.get(f"{arch}.{suffix}")
-        if field is not None:
-            config[hf_key] = _field_value(field)
-    if "vocab_size" not in config and "tokenizer.ggml.tokens" in fields:
-        config["vocab_size"] = len(fields["tokenizer.ggml.tokens"].data)
+        if f"{arch}.{suffix}" in metadata:
+            config[hf_key] = metadata[f"{arch}.{suffix}"]
+    if "vocab_size" not in config and "tokenizer.ggml.tokens" in metadata:
+        config["vocab_size"] = len(metadata["tokenizer.ggml.tokens"])
     for token_key in ("bos_token_id", "eos_token_id"):
-        field = fields.get(f"tokenizer.ggml.{token_key}")
-        if field is not None:
-            config[token_key] = int(_field_value(field))
-    tensor_names = {tensor.name for tensor in reader.tensors}
+        if f"tokenizer.ggml.{token_key}" in metadata:
+            config[token_key] = int(metadata[f"tokenizer.ggml.{token_key}"])
+    tensor_names = {tensor.name for tensor in tensors}
     config["tie_word_embeddings"] = "output.weight" not in tensor_names
     config["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
     return arch, config

@@ -28,6 +28,33 @@ _GGUF_ARCHITECTURES = {
 }
 
 
+# Families whose `sliding_window` applies only with `use_sliding_window` (and then only to
+# layers from `max_window_layers` on), as in transformers' Qwen2/Qwen3.
+_WINDOW_FLAG_ARCHITECTURES = {"Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+
+
+def uniform_sliding_window(cfg: dict[str, Any], num_layers: int, needs_flag: bool) -> int | None:
+    """The one sliding window all layers share, or None. Mixed layers raise ConfigError:
+    one attention backend serves every layer with one window."""
+    window = cfg.get("sliding_window")
+    if not window or (needs_flag and not cfg.get("use_sliding_window", False)):
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is None and needs_flag:
+        first = int(cfg.get("max_window_layers", num_layers))
+        layer_types = ["sliding_attention" if i >= first else "full_attention"
+                       for i in range(num_layers)]
+    if layer_types is None:
+        return int(window)
+    kinds = set(layer_types)
+    if kinds == {"full_attention"}:
+        return None
+    if kinds == {"sliding_attention"}:
+        return int(window)
+    raise ConfigError(f"layers mixing sliding-window and full attention ({layer_types}) are "
+                      "not supported; one attention backend serves all layers with one window")
+
+
 @dataclass
 class ModelInfo:
     """A resolved model: where it is, what it is, and the numbers the KV cache depends on."""
@@ -64,10 +91,8 @@ class ModelInfo:
 
     @property
     def sliding_window(self) -> int | None:
-        window = self.hf_config.get("sliding_window")
-        if not window or self.hf_config.get("use_sliding_window") is False:
-            return None
-        return int(window)
+        return uniform_sliding_window(self.hf_config, self.num_layers,
+                                      needs_flag=self.architecture in _WINDOW_FLAG_ARCHITECTURES)
 
     @property
     def checkpoint_dtype(self) -> str:

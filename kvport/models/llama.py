@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvport.attention_backends.interface import AttentionBackend
+from kvport.core.model_info import uniform_sliding_window
 from kvport.models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary,
                                   parse_rope_config)
 from kvport.models.weights import WeightLoadError
@@ -162,26 +163,7 @@ class LlamaForCausalLM(nn.Module):
 
     def _sliding_window(self, cfg: dict[str, Any], num_layers: int) -> int | None:
         """The one sliding window all layers share, or None; mixed layers are refused."""
-        window = cfg.get("sliding_window")
-        if not window:
-            return None
-        if self.sliding_window_needs_flag and not cfg.get("use_sliding_window", False):
-            return None
-        layer_types = cfg.get("layer_types")
-        if layer_types is None and self.sliding_window_needs_flag:
-            first = int(cfg.get("max_window_layers", num_layers))
-            layer_types = ["sliding_attention" if i >= first else "full_attention"
-                           for i in range(num_layers)]
-        if layer_types is None:
-            return int(window)
-        kinds = set(layer_types)
-        if kinds == {"full_attention"}:
-            return None
-        if kinds == {"sliding_attention"}:
-            return int(window)
-        raise ValueError(f"{type(self).__name__}: layers mixing sliding-window and full "
-                         f"attention ({layer_types}) are not supported; one attention backend "
-                         "serves all layers with one window")
+        return uniform_sliding_window(cfg, num_layers, self.sliding_window_needs_flag)
 
     def _check_backend(self, backend: AttentionBackend, num_heads: int, num_kv_heads: int,
                        head_size: int) -> None:

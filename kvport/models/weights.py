@@ -121,24 +121,41 @@ def unpermute_rope_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return w.swapaxes(2, 1).reshape(weight.shape)
 
 
-def _iter_gguf(path: str, hf_config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_array(path: str, info) -> np.ndarray:
+    """Dequantized float32 data of one tensor, read through a memory map at its offset."""
     import gguf
 
-    reader = gguf.GGUFReader(path)
+    qtype = gguf.GGMLQuantizationType(info.ggml_type)
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    count = int(np.prod(info.shape))
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=info.offset,
+                    shape=(count // block * type_size,))
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return raw.view(np.float32)
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).astype(np.float32)
+    row_bytes = info.shape[0] // block * type_size
+    return gguf.quants.dequantize(raw.reshape(-1, row_bytes), qtype)
+
+
+def _iter_gguf(path: str, hf_config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    from kvport.core.gguf_file import read_gguf_header
+
+    _, infos = read_gguf_header(path)
     arch = str(hf_config.get("model_type", ""))
     permute = arch in _GGUF_PERMUTED_ARCHS
     num_heads = int(hf_config["num_attention_heads"])
     num_kv_heads = int(hf_config.get("num_key_value_heads") or num_heads)
-    for tensor in reader.tensors:
-        if tensor.name in _GGUF_SKIPPED:
+    for info in infos:
+        if info.name in _GGUF_SKIPPED:
             continue
-        hf_name = gguf_to_hf_name(tensor.name)
+        hf_name = gguf_to_hf_name(info.name)
         if hf_name is None:
-            raise WeightLoadError(f"GGUF tensor {tensor.name!r} in {path} has no known "
+            raise WeightLoadError(f"GGUF tensor {info.name!r} in {path} has no known "
                                   f"Hugging Face name (architecture {arch!r})")
-        # dequantize gives float32 rows; GGUF lists dims fastest-first, HF slowest-first
-        shape = tuple(int(d) for d in reversed(tensor.shape))
-        weights = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        # GGUF lists dims fastest-first, HF slowest-first
+        shape = tuple(int(d) for d in reversed(info.shape))
+        weights = _gguf_array(path, info).reshape(shape)
         if permute and ".self_attn.q_proj." in hf_name:
             weights = unpermute_rope_rows(weights, num_heads)
         elif permute and ".self_attn.k_proj." in hf_name:

