@@ -14,12 +14,30 @@ from kvport.core.kv_cache_manager import KVCacheManager
 from kvport.core.model_info import ModelInfo, resolve_model
 from kvport.core.output_processor import (RequestGroup, apply_token, new_sample_state,
                                           row_index)
-from kvport.core.request import Request, RequestOutput, RequestStatus
+from kvport.core.request import Request, RequestDelta, RequestOutput, RequestStatus
 from kvport.core.sampling_params import InvalidRequestError, SamplingParams
 from kvport.core.scheduler import Scheduler
 from kvport.core.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is at its configured limit; retry later (HTTP 503)."""
+
+
+@dataclass
+class EngineSnapshot:
+    """Engine state at one moment; crosses process boundaries, so plain data only."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+    num_prompt_tokens: int = 0
+    num_generation_tokens: int = 0
+    num_steps: int = 0
 
 
 @dataclass
@@ -128,6 +146,10 @@ class LLMEngine:
         if request_id in self._groups:
             raise InvalidRequestError(f"request id {request_id!r} is already in use",
                                       param="request_id")
+        limit = self.config.scheduler.max_waiting_requests
+        if limit is not None and len(self.scheduler.waiting) >= limit:
+            raise EngineOverloadedError(f"the waiting queue is full ({limit} requests waiting); "
+                                        "retry later")
         text, token_ids = self.tokenize_prompt(prompt)
         self.validate_prompt(token_ids, params)
         params.eos_token_ids = self.eos_token_ids
@@ -163,7 +185,15 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the worker once, and return outputs of the requests that moved."""
+        """Run one step; the full output so far of every request that moved."""
+        return [self._emit(group, group.to_output()) for group in self._step()]
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """Run one step; only what is new since the last call, for streaming."""
+        return [self._emit(group, group.take_delta()) for group in self._step()]
+
+    def _step(self) -> list[RequestGroup]:
+        """Schedule, run the worker once, and return the request groups that moved."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             if scheduler_output.freed_req_ids:   # the worker must still drop their state
@@ -186,15 +216,25 @@ class LLMEngine:
             if request.is_finished:
                 sample.detokenizer.finish()
             touched[group.request_id] = group
-        return [self._emit(group) for group in touched.values()]
+        return list(touched.values())
 
-    def _emit(self, group: RequestGroup) -> RequestOutput:
-        output = group.to_output()
-        if output.finished:
+    def _emit(self, group: RequestGroup, output):
+        if group.finished:
             del self._groups[group.request_id]
             for sample in group.samples:
                 self._sample_to_group.pop(sample.request.request_id, None)
         return output
+
+    def snapshot(self) -> EngineSnapshot:
+        """The gauges and counters /metrics shows, as plain data."""
+        pool = self.kv_cache.pool
+        return EngineSnapshot(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=pool.usage(), prefix_cache_queries=pool.num_cache_queries,
+            prefix_cache_hits=pool.num_cache_hits, num_preemptions=self.scheduler.num_preemptions,
+            num_prompt_tokens=self.stats.num_prompt_tokens,
+            num_generation_tokens=self.stats.num_generation_tokens,
+            num_steps=self.stats.num_steps)
 
     def _record_kv_waste(self) -> None:
         allocated = self.kv_cache.pool.num_used_blocks * self.kv_cache.block_size

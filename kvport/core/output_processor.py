@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from kvport.core.detokenizer import IncrementalDetokenizer
-from kvport.core.request import (CompletionOutput, Logprob, Request, RequestOutput,
-                                 RequestStatus, SampleLogprobs)
+from kvport.core.request import (CompletionDelta, CompletionOutput, Logprob, Request,
+                                 RequestDelta, RequestOutput, SampleLogprobs)
 from kvport.core.worker import SampledLogprobs
 
 
@@ -22,7 +20,24 @@ class SampleState:
     detokenizer: IncrementalDetokenizer
     logprobs: SampleLogprobs | None = None
     cumulative_logprob: float | None = None
-    num_streamed_tokens: int = 0
+    num_sent_tokens: int = 0
+    finish_sent: bool = False
+
+    def take_delta(self, index: int) -> CompletionDelta | None:
+        """Tokens, text and logprobs not handed out yet; None when there is nothing new."""
+        request = self.request
+        finished = request.is_finished
+        new_tokens = request.output_token_ids[self.num_sent_tokens:]
+        if not new_tokens and (self.finish_sent or not finished):
+            return None
+        logprobs = None if self.logprobs is None else self.logprobs[self.num_sent_tokens:]
+        self.num_sent_tokens = len(request.output_token_ids)
+        self.finish_sent = finished
+        return CompletionDelta(index=index, text=self.detokenizer.get_delta(finished),
+                               token_ids=list(new_tokens), logprobs=logprobs,
+                               cumulative_logprob=self.cumulative_logprob,
+                               finish_reason=request.finish_reason,
+                               stop_reason=request.stop_reason)
 
 
 @dataclass
@@ -36,6 +51,12 @@ class RequestGroup:
     @property
     def finished(self) -> bool:
         return all(s.request.is_finished for s in self.samples)
+
+    def take_delta(self) -> RequestDelta:
+        deltas = [d for i, s in enumerate(self.samples) if (d := s.take_delta(i)) is not None]
+        return RequestDelta(self.request_id, deltas, finished=self.finished,
+                            num_prompt_tokens=len(self.prompt_token_ids),
+                            num_cached_tokens=max(0, self.samples[0].request.num_cached_tokens))
 
     def to_output(self) -> RequestOutput:
         outputs = [CompletionOutput(
@@ -83,6 +104,3 @@ def apply_token(sample: SampleState, token_id: int, logprobs: SampledLogprobs | 
 def row_index(req_ids: list[str]) -> dict[str, int]:
     return {req_id: i for i, req_id in enumerate(req_ids)}
 
-
-__all__ = ["RequestGroup", "SampleState", "new_sample_state", "apply_token", "row_index",
-           "RequestStatus", "np"]

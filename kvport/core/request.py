@@ -105,3 +105,25 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+
+
+@dataclass
+class CompletionDelta:
+    """What one sample produced since the previous delta (for streaming)."""
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: SampleLogprobs | None
+    cumulative_logprob: float | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class RequestDelta:
+    """One step's news for one user request: only the samples that moved."""
+    request_id: str
+    deltas: list[CompletionDelta]
+    finished: bool
+    num_prompt_tokens: int
+    num_cached_tokens: int

@@ -1,4 +1,5 @@
-"""Entry point of kvport-cpu: registers the CPU platform through kvport's hooks.
+"""Entry point of kvport-cpu: registers the CPU platform and its attention backend
+(cpu_paged) through kvport's hooks.
 
 Cheap to import: no torch here. torch is imported only once the CPU platform is selected.
 """
@@ -20,3 +21,10 @@ def cpu_is_available() -> tuple[bool, str]:
 def kvport_register_platforms(register):
     register(name="cpu", device_type="cpu", platform_class="kvport_cpu.platform:CpuPlatform",
              is_available=cpu_is_available, priority=100)
+
+
+@hookimpl
+def kvport_register_attention_backends(register):
+    """cpu_paged: batched paged attention on torch's fused CPU kernel (the CPU default)."""
+    register(name="cpu_paged", backend_class="kvport_cpu.attention:CpuPagedAttentionBackend",
+             device_types=("cpu",))

@@ -1,0 +1,125 @@
+"""The `kvport` command: serve, plugins, bench, version."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from kvport.core.config import ConfigError, EngineConfig
+
+# argparse dest -> EngineConfig field, for the engine options `serve` and `bench` share.
+ENGINE_OPTIONS = {
+    "device": "device", "dtype": "dtype", "max_model_len": "max_model_len",
+    "max_num_seqs": "max_num_seqs", "max_num_batched_tokens": "max_num_batched_tokens",
+    "block_size": "block_size", "kv_cache_memory": "kv_cache_memory",
+    "gpu_memory_utilization": "gpu_memory_utilization", "num_blocks": "num_blocks",
+    "max_waiting_requests": "max_waiting_requests", "attention_backend": "attention_backend",
+    "num_threads": "num_threads", "seed": "seed", "tokenizer": "tokenizer",
+    "served_model_name": "served_model_name",
+}
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and engine options, shared by every command that builds an engine."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Hugging Face model directory or .gguf file "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
+    group = parser.add_argument_group("engine")
+    group.add_argument("--device", help="platform to run on: cpu, cuda, rocm, tpu, ... "
+                                        "(default: $KVPORT_DEVICE, else the best available)")
+    group.add_argument("--dtype", default="auto",
+                       help="auto, float32, bfloat16 or float16 (default: auto = the platform's choice)")
+    group.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens "
+                                                         "(default: the model's limit)")
+    group.add_argument("--max-num-seqs", type=int, default=256,
+                       help="most requests in one batch (default: 256)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                       help="tokens per engine step; longer prompts are chunked (default: 2048)")
+    group.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    group.add_argument("--kv-cache-memory", help="KV cache budget, e.g. 2GiB (CPU default: "
+                                                 "4 GiB or a quarter of free memory)")
+    group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of accelerator memory kvport may use (default: 0.9)")
+    group.add_argument("--num-blocks", type=int, help="exact number of KV blocks (overrides sizing)")
+    group.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                       help="do not reuse the KV cache of shared prompt prefixes")
+    group.add_argument("--attention-backend", help="a registered attention backend by name")
+    group.add_argument("--num-threads", type=int, help="CPU threads for the model")
+    group.add_argument("--seed", type=int, default=0, help="global random seed (default: 0)")
+    group.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
+    group.add_argument("--max-waiting-requests", type=int,
+                       help="queue limit; requests beyond it get HTTP 503 (default: no limit)")
+    group.add_argument("--served-model-name", help="model id clients use (default: the file name)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    kwargs = {field: getattr(args, dest) for dest, field in ENGINE_OPTIONS.items()
+              if getattr(args, dest, None) is not None}
+    kwargs["enable_prefix_caching"] = args.enable_prefix_caching
+    return EngineConfig.from_kwargs(model=args.model, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvport", description="kvport: LLM serving on pluggable hardware.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve a model over an OpenAI-compatible HTTP API "
+                    "(/v1/chat/completions, /v1/completions, /v1/models, ...).")
+    add_engine_arguments(serve)
+    http = serve.add_argument_group("http")
+    http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    http.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    http.add_argument("--shutdown-timeout", type=float, default=30.0,
+                      help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
+    http.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
+    serve.set_defaults(func=run_serve)
+    plugins = commands.add_parser("plugins", help="list installed platform plugins")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=run_plugins)
+    version = commands.add_parser("version", help="print the version")
+    version.set_defaults(func=lambda args: print(_version()))
+    try:
+        from kvport.bench import register_bench_commands
+    except ImportError:
+        pass
+    else:
+        register_bench_commands(commands)
+    return parser
+
+
+def _version() -> str:
+    import kvport
+    return kvport.__version__
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from kvport.api.serve import serve
+    return serve(engine_config_from_args(args), host=args.host, port=args.port,
+                 api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
+                 log_level=args.log_level)
+
+
+def run_plugins(args: argparse.Namespace) -> int:
+    from kvport.api.plugins_table import print_plugins
+    return print_plugins(as_json=args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except ConfigError as exc:
+        print(f"kvport: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`kvport serve`: start the engine core, then the HTTP server; stop both cleanly on signals.
+
+uvicorn owns SIGINT/SIGTERM: it stops accepting connections, gives in-flight requests up to
+`shutdown_timeout` seconds, cancels the rest (which aborts them in the engine), and runs the
+app's shutdown; then the engine core process is stopped and the command exits 0.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import uvicorn
+
+from kvport.core.config import EngineConfig
+
+
+def _print(message: str) -> None:
+    print(f"kvport: {message}", file=sys.stderr, flush=True)
+
+
+def startup_summary(info, host: str, port: int, served_name: str, seconds: float) -> list[str]:
+    return [
+        f"model        {info.model_path} ({info.architecture}) as {served_name!r}",
+        f"platform     {info.platform}, attention backend {info.attention_backend}, "
+        f"dtype {info.dtype}",
+        f"KV cache     {info.num_blocks} blocks x {info.block_size} tokens = "
+        f"{info.token_capacity} tokens; max_model_len {info.max_model_len}",
+        f"ready in     {seconds:.1f} s",
+    ]
+
+
+def serve(config: EngineConfig, host: str, port: int, api_key: str | None = None,
+          shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
+    """Run the server until a signal; returns the process exit code."""
+    from kvport.api.app import ServerSettings, build_app
+    from kvport.core.async_engine import AsyncLLMEngine, EngineStartupError
+    from kvport.core.model_info import resolve_model
+    from kvport.core.tokenizer import load_tokenizer
+
+    started = time.monotonic()
+    _print("starting the engine (loading the model)...")
+    engine = AsyncLLMEngine(config)
+    try:
+        info = engine.start()
+    except EngineStartupError as exc:
+        _print(f"error: the engine could not start: {exc}")
+        return 1
+    try:
+        tokenizer = load_tokenizer(resolve_model(config.model.model), config.model.tokenizer)
+        served_name = config.model.served_model_name or info.model_name
+        app = build_app(engine, tokenizer, ServerSettings(served_model_name=served_name,
+                                                          api_key=api_key))
+        for line in startup_summary(info, host, port, served_name, time.monotonic() - started):
+            _print(line)
+        server = _AnnouncingServer(uvicorn.Config(
+            app, host=host, port=port, log_level=log_level,
+            timeout_graceful_shutdown=shutdown_timeout))
+        server.run()
+        return 0 if server.started else 1
+    finally:
+        engine.shutdown()
+
+
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn.Server that says where it listens once the socket is bound."""
+
+    async def startup(self, sockets=None):
+        await super().startup(sockets)
+        if self.started:
+            _print(f"serving on http://{self.config.host}:{self.config.port}")
