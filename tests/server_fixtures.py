@@ -68,7 +68,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
-        self.log.close()
 
 
 def scrape(url: str) -> dict[str, float]:

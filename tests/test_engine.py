@@ -34,7 +34,9 @@ def make_llm(path, **kw):
 
 
 def greedy(max_tokens=24, **kw):
-    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+    """Greedy for exactly max_tokens tokens: EOS masked until then, as transformers'
+    min_new_tokens does, so both sides pick among the same tokens."""
+    return SamplingParams(temperature=0, max_tokens=max_tokens, min_tokens=max_tokens, **kw)
 
 
 def assert_pool_full(llm):
@@ -212,3 +214,19 @@ def test_chat_applies_the_template(llm):
     tokenizer = llm.get_tokenizer()
     assert tokenizer.decode(out.prompt_token_ids).startswith("<s>user: hello")
     assert len(out.outputs[0].token_ids) == 4
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+def test_other_families_match_transformers_through_the_engine(family, tmp_path):
+    """Tiny random Qwen2 (qkv bias), Qwen3 (q/k norm) and Mistral (sliding window 8)."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import build_tiny_model
+    extra = {"sliding_window": 8} if family == "mistral" else {}
+    path = build_tiny_model(str(tmp_path / family), family, seed=3, **extra)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16,
+                               do_sample=False, pad_token_id=0)[0, len(p):].tolist()
+                for p in PROMPTS[:4]]
+    llm = make_llm(path)
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], greedy(max_tokens=16))] == expected

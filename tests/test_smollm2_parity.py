@@ -58,11 +58,18 @@ def reference(smollm2_path, prompts):
                                                  dtype=torch.float32)
     model.eval()
     outputs = []
-    with torch.inference_mode():
-        for ids in prompts:
-            generated = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW,
-                                       do_sample=False, pad_token_id=2)
-            outputs.append(generated[0, len(ids):].tolist())
+    # One thread: batch-1 decoding gains little from two, and a single thread cannot stall
+    # in an OpenMP barrier when the machine is busy.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for ids in prompts:
+                generated = model.generate(torch.tensor([ids]), max_new_tokens=MAX_NEW,
+                                           do_sample=False, pad_token_id=2)
+                outputs.append(generated[0, len(ids):].tolist())
+    finally:
+        torch.set_num_threads(threads)
     return outputs
 
 

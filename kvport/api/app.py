@@ -52,9 +52,11 @@ def build_app(engine, tokenizer, settings: ServerSettings | None = None) -> Fast
     app = FastAPI(title="kvport", version=__version__, lifespan=_lifespan(engine))
     app.state.settings, app.state.metrics = settings, metrics
     install_error_handlers(app, settings.retry_after_seconds)
+    completions = CompletionServing(engine, tokenizer, settings, metrics)
+    chat = ChatServing(engine, tokenizer, settings, metrics)
     protected = APIRouter(dependencies=[Depends(_api_key_checker(settings.api_key))])
-    _openai_routes(protected, engine, tokenizer, settings, metrics)
-    _tokenizer_routes(protected, engine, tokenizer, settings)
+    _openai_routes(protected, completions, chat)
+    _tokenizer_routes(protected, completions)
     app.include_router(protected)
     _ops_routes(app, engine, metrics)
     return app
@@ -101,10 +103,9 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, f"the request body exceeds {limit} bytes", code="request_too_large")
 
 
-def _openai_routes(router: APIRouter, engine, tokenizer, settings: ServerSettings,
-                   metrics: ServerMetrics) -> None:
-    completions = CompletionServing(engine, tokenizer, settings, metrics)
-    chat = ChatServing(engine, tokenizer, settings, metrics)
+def _openai_routes(router: APIRouter, completions: CompletionServing,
+                   chat: ChatServing) -> None:
+    settings, engine = completions.settings, completions.engine
     limit = settings.max_request_body_bytes
 
     @router.post("/v1/chat/completions")
@@ -131,10 +132,10 @@ def _openai_routes(router: APIRouter, engine, tokenizer, settings: ServerSetting
         return model_card()
 
 
-def _tokenizer_routes(router: APIRouter, engine, tokenizer, settings: ServerSettings) -> None:
+def _tokenizer_routes(router: APIRouter, serving: CompletionServing) -> None:
     """vLLM's /tokenize and /detokenize: see exactly what the model will be given."""
-    serving = CompletionServing(engine, tokenizer, settings, metrics=None)
-    limit = settings.max_request_body_bytes
+    engine, tokenizer = serving.engine, serving.tokenizer
+    limit = serving.settings.max_request_body_bytes
 
     @router.post("/tokenize")
     async def tokenize(raw: Request) -> TokenizeResponse:

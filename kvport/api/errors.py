@@ -21,9 +21,11 @@ from kvport.core.sampling_params import InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
-# OpenAI puts every client error under "invalid_request_error"; server-side ones differ.
-_TYPES = {401: "authentication_error", 404: "invalid_request_error", 500: "server_error",
-          503: "server_error"}
+# OpenAI files every client error, 401 and 404 included, under "invalid_request_error".
+_TYPES = {500: "server_error", 503: "server_error"}
+
+# Union members and validators show up in pydantic's error locations; they are not fields.
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
 
 
 class APIError(Exception):
@@ -52,7 +54,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     """A 400 from pydantic's error list: the first error's field becomes `param`."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        detail = first.get("ctx", {}).get("error", first["msg"])
+        return APIError(400, f"the request body is not valid JSON: {detail}", code="invalid_json")
     # FastAPI prefixes locations with "body"/"query"; union members add type names. Drop both.
     loc = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")
            and not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS))]
@@ -61,9 +64,6 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return APIError(400, message, param=param, code="invalid_value")
-
-
-_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
 
 
 def engine_error(exc: BaseException, retry_after: int) -> APIError:

@@ -13,7 +13,7 @@ from kvport.api.protocol import (ChatChoice, ChatChoiceLogProbs, ChatCompletionC
                                  ChatCompletionRequest, ChatCompletionResponse, ChatLogProb,
                                  ChatMessage, ChatMessageOut, ChatStreamChoice,
                                  ChatTokenLogProb, DeltaMessage, UsageInfo)
-from kvport.api.serving_completions import LOGPROB_FLOOR, Accumulator, BaseServing, merge
+from kvport.api.serving_common import LOGPROB_FLOOR, Accumulator, BaseServing, merge
 from kvport.core.request import Logprob, RequestDelta
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -115,7 +116,7 @@ def warm_up(server: Server, args: argparse.Namespace, run_id: str) -> None:
     (result,), _ = asyncio.run(run_requests(server.base_url, server.model, [request], 1,
                                             count_chunks_as_tokens=True))
     if not result.success:
-        raise RuntimeError(f"warm-up request to {server.name} ({server.base_url}) failed: "
+        raise SystemExit(f"warm-up request to {server.name} ({server.base_url}) failed: "
                            f"{result.error}")
     server.usage_in_stream = result.usage_completion_tokens is not None
     if not server.usage_in_stream:
@@ -135,10 +136,13 @@ def warm_up(server: Server, args: argparse.Namespace, run_id: str) -> None:
 def run_point(server: Server, args: argparse.Namespace, concurrency: int,
               prompts: list[str]) -> dict[str, Any]:
     requests = [CompletionRequest(p, args.output_len) for p in prompts]
+    # The 1-minute load average before the point: a noise flag on shared machines (anything
+    # well above the server's own thread count means someone else was using the cores).
+    load_1m = os.getloadavg()[0]
     results, duration = asyncio.run(run_requests(
         server.base_url, server.model, requests, concurrency,
         count_chunks_as_tokens=server.token_count_source == "streamed_chunks"))
-    point = {"server": server.name, "concurrency": concurrency}
+    point = {"server": server.name, "concurrency": concurrency, "loadavg_1m_before": load_1m}
     point.update(summarize(results, duration, expected_output_tokens=args.output_len))
     return point
 

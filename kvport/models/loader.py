@@ -42,9 +42,18 @@ def build_model(model_info: ModelInfo, model_class: Callable[..., nn.Module],
         reset = getattr(module, "reset_cache", None)
         if callable(reset):
             reset()
+    source = iter_weights(model_info) if weights is None else weights
     model.load_weights((name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-                       for name, tensor in (iter_weights(model_info) if weights is None
-                                            else weights))
+                       for name, tensor in _with_progress(source, model_info.name))
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def _with_progress(weights: Iterable[tuple[str, torch.Tensor]], name: str):
+    """A progress bar over the checkpoint's tensors, shown only on a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+    return tqdm(weights, desc=f"Loading {name}", unit=" tensors", leave=False,
+                disable=not sys.stderr.isatty())

@@ -33,7 +33,9 @@ class CpuPlatform(Platform):
         return "gloo"
 
     def default_attention_backend(self, config: EngineConfig) -> str:
-        return "torch_reference"
+        # Batched paged attention on torch's fused CPU kernel (kvport_cpu.attention); checked
+        # against torch_reference by tests/test_cpu_attention.py.
+        return "cpu_paged"
 
     def worker_class(self) -> str:
         return "kvport_cpu.worker:CpuWorker"
