@@ -10,22 +10,14 @@ with 0) holds NaN, so a row left unwritten or a read outside a request's blocks 
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-# This repository's plugin, even where an older copy of kvport-cpu is installed.
-_PLUGIN_DIR = str(Path(__file__).resolve().parents[1] / "plugins" / "kvport-cpu")
-if _PLUGIN_DIR not in sys.path:
-    sys.path.insert(0, _PLUGIN_DIR)
-
-from kvport.attention_backends.interface import AttentionSpec, CommonAttentionMetadata  # noqa: E402
-from kvport.attention_backends.torch_reference import TorchReferenceBackend  # noqa: E402
-from kvport_cpu import attention as cpu_attention  # noqa: E402
-from kvport_cpu.attention import CpuPagedAttentionBackend  # noqa: E402
+from kvport.attention_backends.interface import AttentionSpec, CommonAttentionMetadata
+from kvport.attention_backends.torch_reference import TorchReferenceBackend
+from kvport_cpu import attention as cpu_attention
+from kvport_cpu.attention import CpuPagedAttentionBackend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # fp32: the same math in another order. bf16/fp16: inputs and probabilities rounded.

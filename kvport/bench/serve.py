@@ -142,7 +142,8 @@ def run_point(server: Server, args: argparse.Namespace, concurrency: int,
     results, duration = asyncio.run(run_requests(
         server.base_url, server.model, requests, concurrency,
         count_chunks_as_tokens=server.token_count_source == "streamed_chunks"))
-    point = {"server": server.name, "concurrency": concurrency, "loadavg_1m_before": load_1m}
+    point = {"server": server.name, "concurrency": concurrency, "loadavg_1m_before": load_1m,
+             "loadavg_1m_after": os.getloadavg()[0]}
     point.update(summarize(results, duration, expected_output_tokens=args.output_len))
     return point
 
