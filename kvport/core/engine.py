@@ -176,6 +176,11 @@ class LLMEngine:
             self._sample_to_group.pop(sample.request.request_id, None)
         return True
 
+    def abort_all(self) -> None:
+        """Abort every request (shutdown)."""
+        for request_id in list(self._groups):
+            self.abort(request_id)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 

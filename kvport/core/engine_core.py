@@ -111,6 +111,9 @@ def run_engine_core(config: EngineConfig, conn) -> None:
         EngineCoreLoop(engine, conn).run()
     except (EOFError, BrokenPipeError, KeyboardInterrupt):
         pass  # the API process is gone: nothing left to serve
+    except BaseException:
+        logger.exception("the engine core crashed")   # the API process sees the pipe close
+        raise
     finally:
         engine.shutdown()
 
@@ -146,8 +149,7 @@ class EngineCoreLoop:
                 self.engine.abort(request_id)
             self.conn.send(StepResult(snapshot=self.engine.snapshot()))
         elif isinstance(message, Shutdown):
-            for request_id in list(self.engine._groups):
-                self.engine.abort(request_id)
+            self.engine.abort_all()
             self.stopping = True
         else:
             logger.error("engine core got an unknown message %r", type(message).__name__)
