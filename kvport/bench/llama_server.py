@@ -7,7 +7,9 @@ in the same run (same machine state) as the server it is compared with. Build th
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import sys
 import subprocess
 import tempfile
 import time
@@ -40,6 +42,15 @@ class LlamaServerSpec:
     @property
     def name(self) -> str:
         return f"llama.cpp-np{self.parallel}"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM it when the benchmark dies, even by
+    SIGKILL, so no orphaned llama-server keeps its cores busy and skews later runs."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port() -> int:
@@ -80,7 +91,8 @@ class LlamaServer:
                                           delete=False)
         self.log_path = log.name
         self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL,
+                                        preexec_fn=_die_with_parent)
         log.close()
         self._wait_ready(ready_timeout_s)
         return self

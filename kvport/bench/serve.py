@@ -155,9 +155,19 @@ def collect_servers(args: argparse.Namespace) -> list[Server]:
     return servers
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM would end Python without unwinding; turn it into SystemExit so launched
+    llama-servers are stopped by their context managers."""
+    import signal
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def run_bench_serve(args: argparse.Namespace) -> int:
     """Entry point of `kvport bench serve`; returns the exit code (1 if any request failed)."""
     concurrencies = parse_concurrency(args.concurrency)
+    _exit_cleanly_on_sigterm()
     run_id = args.run_id or new_run_id()
     servers = collect_servers(args)
     with contextlib.ExitStack() as stack:
