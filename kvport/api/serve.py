@@ -6,6 +6,8 @@ app's shutdown; then the engine core process is stopped and the command exits 0.
 """
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 import time
 
@@ -55,10 +57,27 @@ def serve(config: EngineConfig, host: str, port: int, api_key: str | None = None
         server = _AnnouncingServer(uvicorn.Config(
             app, host=host, port=port, log_level=log_level,
             timeout_graceful_shutdown=shutdown_timeout))
-        server.run()
+        with _absorb_reraised_signals():
+            server.run()
         return 0 if server.started else 1
     finally:
         engine.shutdown()
+
+
+@contextlib.contextmanager
+def _absorb_reraised_signals():
+    """After its graceful shutdown, uvicorn re-raises the signal that stopped it to whatever
+    handler was installed before; with the default one the process dies by SIGTERM (exit
+    -15) before the engine core is stopped. Install handlers that only note the signal."""
+    def note(signum, _frame):
+        _print(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class _AnnouncingServer(uvicorn.Server):
