@@ -155,6 +155,23 @@ def collect_servers(args: argparse.Namespace) -> list[Server]:
     return servers
 
 
+def build_document(args: argparse.Namespace, run_id: str, concurrencies: list[int],
+                   servers: list[Server], points: list[dict], ratios: list[dict]) -> dict:
+    """The --output-json document: metadata, one entry per (server, point), ratios."""
+    return {
+        "metadata": {"date": now_iso(), "machine": machine_info(), "run_id": run_id,
+                     "workload": {"name": "W2", "prompt_words": args.prompt_words,
+                                  "output_len": args.output_len, "seed": args.seed,
+                                  "concurrency": concurrencies,
+                                  "num_requests": {str(c): requests_per_point(args, c)
+                                                   for c in concurrencies}},
+                     "base_url": servers[0].base_url, "model": servers[0].model,
+                     "servers": [asdict(s) for s in servers]},
+        "results": points,
+        "ratios": ratios,
+    }
+
+
 def _exit_cleanly_on_sigterm() -> None:
     """SIGTERM would end Python without unwinding; turn it into SystemExit so launched
     llama-servers are stopped by their context managers."""
@@ -202,6 +219,10 @@ def run_bench_serve(args: argparse.Namespace) -> int:
                       f"{point['output_throughput']:.1f} out tok/s, "
                       f"TPOT p50 {report._fmt(point['tpot_ms']['p50'], 2)} ms, "
                       f"{point['failed']} failed", file=sys.stderr, flush=True)
+                if args.output_json:   # partial results survive an interrupted sweep
+                    report.write_json(args.output_json, build_document(
+                        args, run_id, concurrencies, servers, points,
+                        report.compute_ratios(points, args.subject or servers[0].name)))
 
     subject = args.subject or servers[0].name
     ratios = report.compute_ratios(points, subject)
@@ -212,18 +233,7 @@ def run_bench_serve(args: argparse.Namespace) -> int:
     for server in servers:
         for note in server.notes:
             print(f"note ({server.name}): {note}")
-    document = {
-        "metadata": {"date": now_iso(), "machine": machine_info(), "run_id": run_id,
-                     "workload": {"name": "W2", "prompt_words": args.prompt_words,
-                                  "output_len": args.output_len, "seed": args.seed,
-                                  "concurrency": concurrencies,
-                                  "num_requests": {str(c): requests_per_point(args, c)
-                                                   for c in concurrencies}},
-                     "base_url": servers[0].base_url, "model": servers[0].model,
-                     "servers": [asdict(s) for s in servers]},
-        "results": points,
-        "ratios": ratios,
-    }
+    document = build_document(args, run_id, concurrencies, servers, points, ratios)
     if args.output_json:
         report.write_json(args.output_json, document)
     if args.plot:
