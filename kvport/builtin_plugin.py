@@ -6,7 +6,12 @@ are imported when a backend or model is actually requested from the registry.
 """
 from __future__ import annotations
 
+from kvport.platforms.api_version import RECOMMENDED_RANGE
 from kvport.platforms.hookspecs import RegisterAttentionBackend, RegisterModel, hookimpl
+
+# The built-in pieces are checked like any plugin (no side doors); they always match the
+# kvport they ship with.
+KVPORT_PLUGIN_API = RECOMMENDED_RANGE
 
 _LLAMA = "kvport.models.llama:LlamaForCausalLM"
 

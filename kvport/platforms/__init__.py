@@ -2,6 +2,11 @@
 
 Importing this package imports neither torch nor jax.
 """
+from kvport.platforms.api_version import (
+    API_DECLARATION,
+    PLUGIN_API_VERSION,
+    RECOMMENDED_RANGE,
+)
 from kvport.platforms.hookspecs import (
     ENTRY_POINT_GROUP,
     PROJECT_NAME,
@@ -22,6 +27,7 @@ from kvport.platforms.registry import (
     PluginImportError,
     PluginInfo,
     PluginLoadFailure,
+    PluginRefusal,
     PluginRegistry,
     UnsupportedModelError,
     default_registry,
@@ -29,11 +35,12 @@ from kvport.platforms.registry import (
 )
 
 __all__ = [
+    "PLUGIN_API_VERSION", "API_DECLARATION", "RECOMMENDED_RANGE",
     "ENTRY_POINT_GROUP", "PROJECT_NAME", "DEVICE_ENV", "DEVICE_PACKAGES", "PLUGINS_ENV",
     "AttentionBackendRegistration", "ModelRegistration", "PlatformRegistration",
     "hookimpl", "hookspec", "Platform",
     "AttentionBackendError", "DuplicateRegistrationError", "PlatformSelectionError",
     "PluginImportError", "UnsupportedModelError",
-    "PluginInfo", "PluginLoadFailure", "PluginRegistry",
+    "PluginInfo", "PluginLoadFailure", "PluginRefusal", "PluginRegistry",
     "default_registry", "import_object",
 ]

@@ -11,6 +11,9 @@ Failures never disappear:
   logged with its full traceback, and the other plugins still load; when a device then cannot
   be found, the error repeats each failure's traceback, since that plugin may be the one that
   would have provided it;
+* a plugin whose declared plugin API range (``KVPORT_PLUGIN_API``) excludes this kvport's
+  ``PLUGIN_API_VERSION``, or that declares none, is refused before pluggy sees its hooks: a
+  `PluginRefusal` whose message names both versions and what to install;
 * two plugins registering the same platform or attention-backend name is a configuration
   error (`DuplicateRegistrationError`) naming both;
 * every selection error (`PlatformSelectionError`) says what to do: which package to
@@ -29,15 +32,21 @@ import importlib
 import importlib.metadata
 import logging
 import os
-import textwrap
 import threading
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import pluggy
 
 from kvport.platforms import hookspecs
+from kvport.platforms.api_version import API_DECLARATION, PLUGIN_API_VERSION, refusal_message
+from kvport.platforms.errors import (
+    AttentionBackendError,
+    DuplicateRegistrationError,
+    PlatformSelectionError,
+    PluginImportError,
+    UnsupportedModelError,
+)
 from kvport.platforms.hookspecs import (
     ENTRY_POINT_GROUP,
     PROJECT_NAME,
@@ -46,152 +55,33 @@ from kvport.platforms.hookspecs import (
     PlatformRegistration,
 )
 from kvport.platforms.interface import Platform
+from kvport.platforms.messages import (
+    DEVICE_ENV,
+    DEVICE_PACKAGES,
+    PLUGINS_ENV,
+    SelectionMessages,
+    indent,
+)
+from kvport.platforms.records import (
+    BUILTIN_PLUGIN_MODULE,
+    BUILTIN_PLUGIN_NAME,
+    PluginInfo,
+    PluginLoadFailure,
+    PluginRefusal,
+    Staged,
+    builtin_info,
+    import_object,
+    plugin_info,
+)
 
 logger = logging.getLogger(__name__)
 
-PLUGINS_ENV = "KVPORT_PLUGINS"
-DEVICE_ENV = "KVPORT_DEVICE"
-BUILTIN_PLUGIN_NAME = "builtin"
-BUILTIN_PLUGIN_MODULE = "kvport.builtin_plugin"
-
-# The package that provides each well-known device, for "install it with ..." messages.
-DEVICE_PACKAGES: dict[str, str] = {
-    "cuda": "kvport-cuda",
-    "rocm": "kvport-rocm",
-    "tpu": "kvport-tpu",
-    "xla": "kvport-tpu",
-    "hpu": "kvport-gaudi",
-    "neuron": "kvport-neuron",
-    "mps": "kvport-mps",
-    "cpu": "kvport-cpu",
-}
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class PlatformSelectionError(RuntimeError):
-    """No platform could be selected; the message says why and what to do."""
-
-
-class DuplicateRegistrationError(RuntimeError):
-    """Two plugins registered the same platform or attention-backend name."""
-
-
-class AttentionBackendError(ValueError):
-    """An attention backend name is unknown or does not run on the requested device."""
-
-
-class UnsupportedModelError(ValueError):
-    """No registered model implementation for an architecture (and framework)."""
-
-
-class PluginImportError(ImportError):
-    """A dotted path registered by a plugin could not be imported; carries the traceback."""
-
-
-# --------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class PluginInfo:
-    """Where a plugin came from: its entry-point name and its distribution, when known."""
-    name: str
-    dist_name: str | None = None
-    dist_version: str | None = None
-
-    @property
-    def package(self) -> str:
-        """What a user would pip install / uninstall: the distribution, else the entry point."""
-        return self.dist_name or f"plugin '{self.name}'"
-
-    def describe(self) -> str:
-        """Human-readable origin, e.g. "plugin 'cuda' (kvport-cuda 1.2.0)"."""
-        if self.dist_name is None:
-            return f"plugin '{self.name}'"
-        version = f" {self.dist_version}" if self.dist_version else ""
-        return f"plugin '{self.name}' ({self.dist_name}{version})"
-
-
-@dataclass(frozen=True)
-class PluginLoadFailure:
-    """A plugin that failed to import or to register; `traceback_text` is the full traceback."""
-    name: str
-    dist_name: str | None
-    dist_version: str | None
-    traceback_text: str
-
-    @property
-    def info(self) -> PluginInfo:
-        return PluginInfo(self.name, self.dist_name, self.dist_version)
-
-
-@dataclass
-class _Staged:
-    """What one plugin registered, held back until all its hooks have run without raising."""
-    platforms: list[PlatformRegistration] = field(default_factory=list)
-    attention_backends: list[AttentionBackendRegistration] = field(default_factory=list)
-    models: list[ModelRegistration] = field(default_factory=list)
-
-    def register_platform(self, name: str, device_type: str, platform_class: str,
-                          is_available: Callable[[], tuple[bool, str]],
-                          priority: int = 50) -> None:
-        if not callable(is_available):
-            raise TypeError(f"platform {name!r}: is_available must be a callable returning "
-                            f"(bool, reason), got {is_available!r}")
-        self.platforms.append(PlatformRegistration(
-            name=name, device_type=device_type, platform_class=platform_class,
-            is_available=is_available, priority=int(priority)))
-
-    def register_attention_backend(self, name: str, backend_class: str,
-                                   device_types: tuple[str, ...] = ()) -> None:
-        if isinstance(device_types, str):   # a common slip: ("cuda") instead of ("cuda",)
-            device_types = (device_types,)
-        self.attention_backends.append(AttentionBackendRegistration(
-            name=name, backend_class=backend_class, device_types=tuple(device_types)))
-
-    def register_model(self, architecture: str, model_class: str,
-                       framework: str = "torch") -> None:
-        self.models.append(ModelRegistration(
-            architecture=architecture, model_class=model_class, framework=framework))
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def import_object(dotted: str) -> Any:
-    """Import "package.module:attr" (attr may be dotted) or "package.module.attr"."""
-    if not isinstance(dotted, str) or not dotted.strip():
-        raise ValueError(f"expected an import path like 'package.module:attr', got {dotted!r}")
-    if ":" in dotted:
-        module_name, _, attr_path = dotted.partition(":")
-    else:
-        module_name, _, attr_path = dotted.rpartition(".")
-    if not module_name or not attr_path:
-        raise ValueError(f"{dotted!r} is not an import path of the form 'package.module:attr'")
-    obj: Any = importlib.import_module(module_name)
-    for part in attr_path.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ImportError(f"cannot import name {attr_path!r} from {module_name!r}",
-                              name=module_name) from None
-    return obj
-
-
-def _plugin_info(ep: importlib.metadata.EntryPoint) -> PluginInfo:
-    dist = getattr(ep, "dist", None)   # None for hand-made EntryPoint objects
-    if dist is None:
-        return PluginInfo(ep.name)
-    return PluginInfo(ep.name, dist.metadata["Name"], dist.version)
-
-
-def _builtin_info() -> PluginInfo:
-    try:
-        version = importlib.metadata.version(PROJECT_NAME)
-    except importlib.metadata.PackageNotFoundError:   # running from a source checkout
-        version = None
-    return PluginInfo(BUILTIN_PLUGIN_NAME, PROJECT_NAME, version)
+__all__ = [
+    "DEVICE_ENV", "DEVICE_PACKAGES", "PLUGINS_ENV", "BUILTIN_PLUGIN_NAME", "BUILTIN_PLUGIN_MODULE",
+    "AttentionBackendError", "DuplicateRegistrationError", "PlatformSelectionError",
+    "PluginImportError", "UnsupportedModelError", "PluginInfo", "PluginLoadFailure",
+    "PluginRefusal", "PluginRegistry", "default_registry", "import_object",
+]
 
 
 def _parse_allow_list(raw: str | None) -> tuple[str, ...] | None:
@@ -201,14 +91,10 @@ def _parse_allow_list(raw: str | None) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in raw.split(",") if name.strip())
 
 
-def _indent(text: str) -> str:
-    return textwrap.indent(text.rstrip(), "    ")
-
-
 # --------------------------------------------------------------------------- registry
 
 
-class PluginRegistry:
+class PluginRegistry(SelectionMessages):
     """Discovers kvport plugins and answers what they provide.
 
     allow_list: entry-point names to load; None reads ``KVPORT_PLUGINS`` (comma-separated;
@@ -240,6 +126,7 @@ class PluginRegistry:
 
         self._plugins: list[PluginInfo] = []
         self._failures: list[PluginLoadFailure] = []
+        self._refused: list[PluginRefusal] = []
         self._excluded: list[PluginInfo] = []
         self._unmatched_allowed: list[str] = []
         self._platforms: dict[str, PlatformRegistration] = {}
@@ -268,8 +155,11 @@ class PluginRegistry:
 
     def _load_all(self) -> None:
         builtin = importlib.import_module(BUILTIN_PLUGIN_MODULE)
+        info = self._accepted(builtin_info(), builtin)
+        if info is None:   # only a broken installation gets here: say so loudly
+            raise RuntimeError(self._refused[-1].message)
         self._pm.register(builtin, name=BUILTIN_PLUGIN_NAME)
-        loaded = [(_builtin_info(), builtin)] + self._import_entry_points()
+        loaded = [(info, builtin)] + self._import_entry_points()
         for info, plugin in loaded:
             self._run_hooks(info, plugin)
 
@@ -284,10 +174,10 @@ class PluginRegistry:
     def _import_entry_points(self) -> list[tuple[PluginInfo, Any]]:
         """Import entry points one by one; a failing one is recorded and the rest go on."""
         loaded: list[tuple[PluginInfo, Any]] = []
-        seen: dict[str, PluginInfo] = {BUILTIN_PLUGIN_NAME: _builtin_info()}
+        seen: dict[str, PluginInfo] = {BUILTIN_PLUGIN_NAME: builtin_info()}
         eps = self._discover()
         for ep in eps:
-            info = _plugin_info(ep)
+            info = plugin_info(ep)
             if self._allow_list is not None and ep.name not in self._allow_list:
                 self._excluded.append(info)
                 continue
@@ -297,10 +187,10 @@ class PluginRegistry:
                     f"entry-point names must be unique: uninstall one of "
                     f"{seen[ep.name].package} and {info.package}\n"))
                 continue
-            plugin = self._import_one(ep, info)
-            if plugin is not None:
-                seen[ep.name] = info
-                loaded.append((info, plugin))
+            result = self._import_one(ep, info)
+            if result is not None:
+                seen[ep.name] = result[0]
+                loaded.append(result)
         if self._allow_list is not None:
             names = {ep.name for ep in eps} | {BUILTIN_PLUGIN_NAME}
             self._unmatched_allowed = [n for n in self._allow_list if n not in names]
@@ -309,15 +199,41 @@ class PluginRegistry:
                                "that name", self._allow_list_desc(), name)
         return loaded
 
-    def _import_one(self, ep: importlib.metadata.EntryPoint, info: PluginInfo) -> Any | None:
+    def _import_one(self, ep: importlib.metadata.EntryPoint,
+                    info: PluginInfo) -> tuple[PluginInfo, Any] | None:
+        """Import one entry point, check its plugin API range, register it with pluggy."""
         try:
             plugin = ep.load()
+        except Exception:
+            self._record_failure(info, traceback.format_exc())
+            return None
+        # Checked before pluggy sees the hooks: a plugin for another API version may name
+        # hook arguments this kvport lacks, and the version message is the useful one.
+        accepted = self._accepted(info, plugin)
+        if accepted is None:
+            return None
+        try:
             self._pm.register(plugin, name=ep.name)
         except Exception:
             self._record_failure(info, traceback.format_exc())
             return None
         self._warn_unknown_hooks(info, plugin)
-        return plugin
+        return accepted, plugin
+
+    def _accepted(self, info: PluginInfo, plugin: Any) -> PluginInfo | None:
+        """`info` with its declared API range, or None (refusal recorded) if incompatible."""
+        declared = getattr(plugin, API_DECLARATION, None)
+        module = info.module or getattr(plugin, "__name__", repr(plugin))
+        message = refusal_message(declared, info.describe(), info.package, module,
+                                  builtin_info().dist_version, PLUGIN_API_VERSION)
+        if message is not None:
+            self._refused.append(PluginRefusal(info, declared if isinstance(declared, str)
+                                               else None, message))
+            logger.warning("kvport refuses %s (other plugins are unaffected): %s",
+                           info.describe(), message)
+            return None
+        return PluginInfo(info.name, info.dist_name, info.dist_version, info.module,
+                          api_range=declared)
 
     def _warn_unknown_hooks(self, info: PluginInfo, plugin: Any) -> None:
         # pluggy accepts hookimpls without a spec silently; most likely the plugin targets a
@@ -336,7 +252,7 @@ class PluginRegistry:
 
     def _run_hooks(self, info: PluginInfo, plugin: Any) -> None:
         """Call this plugin's three hooks (only its own), then commit what it registered."""
-        staged = _Staged()
+        staged = Staged()
         hooks = (("kvport_register_platforms", staged.register_platform),
                  ("kvport_register_attention_backends", staged.register_attention_backend),
                  ("kvport_register_models", staged.register_model))
@@ -355,7 +271,7 @@ class PluginRegistry:
         self._plugins.append(info)
         self._commit(info, staged)
 
-    def _commit(self, info: PluginInfo, staged: _Staged) -> None:
+    def _commit(self, info: PluginInfo, staged: Staged) -> None:
         for reg in staged.platforms:
             self._check_unique("platform", reg.name, info)
             self._platforms[reg.name] = reg
@@ -394,6 +310,12 @@ class PluginRegistry:
         """Plugins that failed to import or register, with their tracebacks."""
         self.load()
         return list(self._failures)
+
+    @property
+    def refused_plugins(self) -> list[PluginRefusal]:
+        """Plugins not loaded because their plugin API range excludes this kvport's."""
+        self.load()
+        return list(self._refused)
 
     @property
     def excluded_plugins(self) -> list[PluginInfo]:
@@ -527,7 +449,7 @@ class PluginRegistry:
                 f"platform {reg.name!r} from {info.describe()} was selected, but its class "
                 f"{reg.platform_class!r} failed to import (a bug or a missing dependency of "
                 f"{info.package}; try reinstalling it):\n"
-                f"{_indent(traceback.format_exc())}") from exc
+                f"{indent(traceback.format_exc())}") from exc
         if not (isinstance(cls, type) and issubclass(cls, Platform)):
             raise PlatformSelectionError(
                 f"platform {reg.name!r} from {info.describe()}: {reg.platform_class!r} is not a "
@@ -537,96 +459,7 @@ class PluginRegistry:
         except Exception as exc:
             raise PlatformSelectionError(
                 f"platform {reg.name!r} from {info.describe()} failed to initialise:\n"
-                f"{_indent(traceback.format_exc())}") from exc
-
-    # ------------------------------------------------------------------ messages
-
-    def _installed_devices(self) -> list[str]:
-        return sorted({reg.device_type for reg in self._platforms.values()})
-
-    def _missing_device_message(self, device: str) -> str:
-        package = DEVICE_PACKAGES.get(device.casefold())
-        installed = ", ".join(self._installed_devices()) or "none"
-        excluded = [i for i in self._excluded if package and i.dist_name == package]
-        failed = [f for f in self._failures if package and f.dist_name == package]
-        if excluded:
-            head = (f"no loaded kvport plugin provides device {device!r}: {package} is "
-                    f"installed, but its entry point '{excluded[0].name}' is not in "
-                    f"{self._allow_list_desc()}; add it there")
-        elif failed:
-            head = (f"no loaded kvport plugin provides device {device!r}: {package} is "
-                    f"installed but failed to load (traceback below); reinstall it with "
-                    f"`pip install --force-reinstall {package}` or report the error")
-        elif package is not None:
-            head = (f"no kvport plugin provides device {device!r}: install it with "
-                    f"`pip install {package}` (installed devices: {installed})")
-        else:
-            head = (f"no kvport plugin provides device {device!r}; installed devices: "
-                    f"{installed}. Pick one with --device / {DEVICE_ENV}, or install the "
-                    f"plugin for your hardware (e.g. "
-                    + ", ".join(f"`pip install {p}`" for p in sorted(set(DEVICE_PACKAGES.values())))
-                    + ")")
-        return self._with_notes(head)
-
-    def _unavailable_message(self, device: str,
-                             reasons: list[tuple[PlatformRegistration, str]]) -> str:
-        if len(reasons) == 1:
-            reg, reason = reasons[0]
-            head = (f"device {device!r} is provided by {self.origin(reg).package} but is not "
-                    f"available here: {reason or '(the plugin gave no reason)'}")
-        else:
-            head = f"device {device!r} is provided by several plugins, none available here:"
-            head += "".join(f"\n  - {self._reason_line(reg, reason)}" for reg, reason in reasons)
-        others = [reg.device_type for reg in self.platforms()
-                  if reg.device_type != reasons[0][0].device_type and self.availability(reg)[0]]
-        if others:
-            head += (f"\nAvailable here instead: {', '.join(dict.fromkeys(others))} (choose with "
-                     f"--device / {DEVICE_ENV}, or set neither to auto-select)")
-        return head
-
-    def _nothing_available_message(self,
-                                   reasons: list[tuple[PlatformRegistration, str]]) -> str:
-        if not reasons:
-            head = ("no kvport platform plugin is installed: install the one for your hardware, "
-                    "e.g. `pip install kvport-cpu` (CPU) or `pip install kvport-cuda` "
-                    "(NVIDIA GPUs)")
-        else:
-            head = "no kvport platform is available here:"
-            head += "".join(f"\n  - {self._reason_line(reg, reason)}" for reg, reason in reasons)
-            head += "\nInstall the plugin for your hardware, e.g. `pip install kvport-cpu`."
-        return self._with_notes(head)
-
-    def _reason_line(self, reg: PlatformRegistration, reason: str) -> str:
-        info = self.origin(reg)
-        return (f"{reg.name} (device {reg.device_type!r}, {info.describe()}, priority "
-                f"{reg.priority}): {reason or '(the plugin gave no reason)'}")
-
-    def _with_notes(self, head: str) -> str:
-        """Append what may explain a missing platform: exclusions and import failures."""
-        notes = [self._excluded_note(info) for info in self._excluded]
-        notes += [f"{self._allow_list_desc()} names entry point "
-                  f"{name!r}, but no installed kvport plugin has that name"
-                  for name in self._unmatched_allowed]
-        notes += [f"{failure.info.describe()} failed to load, and may be the plugin that "
-                  f"provides it:\n{_indent(failure.traceback_text)}"
-                  for failure in self._failures]
-        return head + "".join(f"\n\nNote: {note}" for note in notes)
-
-    def _allow_list_desc(self) -> str:
-        if self._allow_list_source == PLUGINS_ENV:
-            return f"{PLUGINS_ENV}={self._allow_list_text}"
-        return f"the plugin allow-list ({self._allow_list_text})"
-
-    def _excluded_note(self, info: PluginInfo) -> str:
-        return (f"entry point '{info.name}' ({info.package}) is installed but not in "
-                f"{self._allow_list_desc()}; add it there to load it")
-
-    def _failed_names_note(self) -> str:
-        if not self._failures:
-            return ""
-        names = ", ".join(f.info.describe() for f in self._failures)
-        return (f" (note: {names} failed to load and may have provided it; see the warning log "
-                f"or `kvport plugins`)")
+                f"{indent(traceback.format_exc())}") from exc
 
     # ------------------------------------------------------------------ classes
 
@@ -683,7 +516,7 @@ class PluginRegistry:
         except Exception as exc:
             raise PluginImportError(
                 f"{what} from {info.describe()} could not be imported from {dotted!r}:\n"
-                f"{_indent(traceback.format_exc())}") from exc
+                f"{indent(traceback.format_exc())}") from exc
 
 
 @functools.cache

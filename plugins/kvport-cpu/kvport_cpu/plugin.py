@@ -9,6 +9,9 @@ import importlib.util
 
 from kvport.platforms.hookspecs import hookimpl
 
+# The kvport plugin API versions this plugin supports (see docs/plugins.md, version policy).
+KVPORT_PLUGIN_API = ">=1.0,<2"
+
 
 def cpu_is_available() -> tuple[bool, str]:
     """A CPU is always there; what can be missing is torch."""

@@ -1,0 +1,44 @@
+"""The conformance kit's pytest plugin (entry point ``pytest11: kvport``).
+
+pytest loads it in every run of every project where kvport is installed, so it is inert and
+cheap: it adds the ``--kvport-*`` options and nothing else, imports no torch, defines no
+fixtures. Only ``--kvport-device NAME`` does something: with no test paths on the command
+line, the run collects the kit (`kvport/testing/suite.py`) instead of the project's tests::
+
+    pytest --kvport-device cpu                 # the kit against the cpu platform
+    pytest --kvport-device cuda --kvport-full-grid
+    kvport plugins test cuda                   # the same through the CLI
+
+With explicit paths, those run, and any module that star-imports the kit
+(``from kvport.testing.suite import *``, as the scaffold's test does) checks the device named
+by ``--kvport-device``, else its own ``KVPORT_DEVICE`` constant.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+SUITE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "suite.py")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kvport", "kvport plugin conformance kit")
+    group.addoption("--kvport-device", metavar="NAME", default=None,
+                    help="run kvport's conformance kit against this platform (device type or "
+                         "platform name), e.g. cpu or cuda")
+    group.addoption("--kvport-full-grid", action="store_true", default=False,
+                    help="check attention backends over the full grid of head sizes, GQA "
+                         "ratios, block sizes, dtypes and windows (slow) instead of the "
+                         "small default one")
+    group.addoption("--kvport-backend", metavar="NAME", action="append", default=[],
+                    help="check only this attention backend (repeatable; default: every "
+                         "backend registered for the device)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("kvport_device", None):
+        return
+    # No paths given: the run is the kit, not the project's own test suite.
+    if config.args_source != pytest.Config.ArgsSource.ARGS:
+        config.args = [SUITE_PATH]
