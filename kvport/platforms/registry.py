@@ -399,12 +399,15 @@ class PluginRegistry(SelectionMessages):
         order wins (CPU last). The Platform class is imported only now. Raises
         PlatformSelectionError saying what to install or why the device is unavailable.
         """
+        return self._instantiate(self.select_registration(device))
+
+    def select_registration(self, device: str | None = None) -> PlatformRegistration:
+        """The registration `select_platform(device)` picks, without importing its class."""
         self.load()
         if device is None:
             device = os.environ.get(DEVICE_ENV)
         device = (device or "").strip() or None
-        registration = self._auto_select() if device is None else self._select_device(device)
-        return self._instantiate(registration)
+        return self._auto_select() if device is None else self._select_device(device)
 
     def _candidates(self, device: str) -> list[PlatformRegistration]:
         wanted = device.casefold()

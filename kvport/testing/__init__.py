@@ -26,7 +26,11 @@ def run_kit(device: str, *, full_grid: bool = False, backends: tuple[str, ...] =
 
     from kvport.testing.pytest_plugin import SUITE_PATH
 
-    args = [SUITE_PATH, "--kvport-device", device, "-p", "no:cacheprovider"]
+    import os
+
+    # rootdir next to the suite: short test ids ("suite.py::test_...") from any directory.
+    args = [SUITE_PATH, "--kvport-device", device, "-p", "no:cacheprovider",
+            "--rootdir", os.path.dirname(SUITE_PATH)]
     if full_grid:
         args.append("--kvport-full-grid")
     for name in backends:

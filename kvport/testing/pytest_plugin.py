@@ -34,6 +34,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kvport-backend", metavar="NAME", action="append", default=[],
                     help="check only this attention backend (repeatable; default: every "
                          "backend registered for the device)")
+    group.addoption("--kvport-seed", metavar="N", type=int, default=None,
+                    help="seed of the kit's random inputs (default: fresh each run; a "
+                         "failure report names the seed to reproduce it)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,3 +45,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # No paths given: the run is the kit, not the project's own test suite.
     if config.args_source != pytest.Config.ArgsSource.ARGS:
         config.args = [SUITE_PATH]
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    """Name the device and the seed, so any failure can be rerun exactly."""
+    if not config.getoption("kvport_device", None):
+        return None
+    from kvport.testing.target import kit_options
+    options = kit_options(config)
+    return [f"kvport conformance kit: device {options.device}, seed {options.seed}"
+            f"{', full grid' if options.full_grid else ''}"]
