@@ -1,4 +1,4 @@
-"""The `kvport` command: serve, plugins, bench, version."""
+"""The `kvport` command: serve, plugins (list, test), plugin new, bench, version."""
 from __future__ import annotations
 
 import argparse
@@ -76,9 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds in-flight requests get to finish on SIGTERM (default: 30)")
     http.add_argument("--log-level", default="info", help="uvicorn log level (default: info)")
     serve.set_defaults(func=run_serve)
-    plugins = commands.add_parser("plugins", help="list installed platform plugins")
-    plugins.add_argument("--json", action="store_true", help="machine-readable output")
-    plugins.set_defaults(func=run_plugins)
+    from kvport.api.plugin_commands import register_plugin_commands
+    register_plugin_commands(commands)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(func=lambda args: print(_version()))
     try:
@@ -100,11 +99,6 @@ def run_serve(args: argparse.Namespace) -> int:
     return serve(engine_config_from_args(args), host=args.host, port=args.port,
                  api_key=args.api_key, shutdown_timeout=args.shutdown_timeout,
                  log_level=args.log_level)
-
-
-def run_plugins(args: argparse.Namespace) -> int:
-    from kvport.api.plugins_table import print_plugins
-    return print_plugins(as_json=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
