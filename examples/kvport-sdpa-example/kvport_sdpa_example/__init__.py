@@ -1,0 +1,1 @@
+"""An example third-party kvport plugin: the `cpu_sdpa` attention backend."""
