@@ -14,7 +14,8 @@ ENGINE_OPTIONS = {
     "block_size": "block_size", "kv_cache_memory": "kv_cache_memory",
     "gpu_memory_utilization": "gpu_memory_utilization", "num_blocks": "num_blocks",
     "max_waiting_requests": "max_waiting_requests", "attention_backend": "attention_backend",
-    "num_threads": "num_threads", "seed": "seed", "tokenizer": "tokenizer",
+    "num_threads": "num_threads", "enforce_eager": "enforce_eager", "seed": "seed",
+    "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
 }
 
@@ -29,6 +30,10 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(default: $KVPORT_DEVICE, else the best available)")
     group.add_argument("--dtype", default="auto",
                        help="auto, float32, bfloat16 or float16 (default: auto = the platform's choice)")
+    group.add_argument("--quantization", choices=("none", "int8"), default=None,
+                       help="int8: W8A8 dynamic quantization (int8 weights per channel, "
+                            "activations per token) where the platform offers it; faster "
+                            "matmuls, slightly different outputs (default: none)")
     group.add_argument("--max-model-len", type=int, help="longest prompt + output in tokens "
                                                          "(default: the model's limit)")
     group.add_argument("--max-num-seqs", type=int, default=256,
@@ -45,6 +50,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="do not reuse the KV cache of shared prompt prefixes")
     group.add_argument("--attention-backend", help="a registered attention backend by name")
     group.add_argument("--num-threads", type=int, help="CPU threads for the model")
+    group.add_argument("--enforce-eager", action="store_true", default=None,
+                       help="never capture graphs (CUDA/HIP graphs); run every step eagerly")
     group.add_argument("--seed", type=int, default=0, help="global random seed (default: 0)")
     group.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
     group.add_argument("--max-waiting-requests", type=int,

@@ -24,7 +24,8 @@ def startup_summary(info, host: str, port: int, served_name: str, seconds: float
     return [
         f"model        {info.model_path} ({info.architecture}) as {served_name!r}",
         f"platform     {info.platform}, attention backend {info.attention_backend}, "
-        f"dtype {info.dtype}",
+        f"dtype {info.dtype}" + (f", quantization {info.quantization}"
+                                 if info.quantization else ""),
         f"KV cache     {info.num_blocks} blocks x {info.block_size} tokens = "
         f"{info.token_capacity} tokens; max_model_len {info.max_model_len}",
         f"ready in     {seconds:.1f} s",

@@ -10,6 +10,10 @@ import re
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Weight/activation quantization schemes a platform may offer (None: compute in `dtype`).
+#   int8: W8A8 dynamic. Weights int8 per output channel, activations int8 per token, scaled at
+#         run time; int32 accumulation. Faster matmuls, at a measured cost in fidelity.
+QUANTIZATIONS = ("int8",)
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
                   "fp16": "float16", "half": "float16"}
 
@@ -55,9 +59,15 @@ class ModelConfig:
     max_model_len: int | None = None
     served_model_name: str | None = None
     seed: int = 0
+    quantization: str | None = None
 
     def validate(self) -> None:
         self.dtype = normalize_dtype(self.dtype)
+        if self.quantization in ("none", ""):
+            self.quantization = None
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of none, {', '.join(QUANTIZATIONS)}, "
+                              f"got {self.quantization!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
 
@@ -106,6 +116,8 @@ class DeviceConfig:
     device: str | None = None
     attention_backend: str | None = None
     num_threads: int | None = None
+    # Run every step eagerly: no graph capture (CUDA/HIP graphs) even where the platform has it.
+    enforce_eager: bool = False
 
     def validate(self) -> None:
         if self.num_threads is not None and self.num_threads < 1:

@@ -48,6 +48,7 @@ class EngineInfo:
     architecture: str
     max_model_len: int
     dtype: str
+    quantization: str | None
     platform: str
     attention_backend: str
     num_blocks: int
@@ -91,7 +92,7 @@ def engine_info(engine: LLMEngine) -> EngineInfo:
     return EngineInfo(
         model_name=info.name, model_path=info.path, architecture=info.architecture,
         max_model_len=engine.max_model_len, dtype=config.model.dtype,
-        platform=engine.platform.device_type,
+        quantization=config.model.quantization, platform=engine.platform.device_type,
         attention_backend=type(engine.worker.attn_backend).name
         if getattr(engine.worker, "attn_backend", None) else "",
         num_blocks=engine.num_blocks, block_size=config.cache.block_size,

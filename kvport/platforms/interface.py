@@ -49,17 +49,28 @@ class Platform(abc.ABC):
     def worker_class(self) -> str:
         """Dotted path ("package.module:Class") of this platform's Worker subclass."""
 
+    def supported_quantizations(self) -> tuple[str, ...]:
+        """Quantization schemes (names from `kvport.core.config.QUANTIZATIONS`) this device's
+        worker implements; none by default."""
+        return ()
+
     def check_and_update_config(self, config: EngineConfig) -> None:
         """The one place a platform adjusts configuration (dtype, block size, graphs, ...).
 
         The default resolves `dtype="auto"` with `default_dtype` later, once the checkpoint is
-        known, and rejects dtypes the device lacks. Override to add device rules; call super().
+        known, and rejects dtypes and quantizations the device lacks. Override to add device
+        rules; call super().
         """
+        from kvport.core.config import ConfigError
         dtype = config.model.dtype
         if dtype != "auto" and dtype not in self.supported_dtypes():
-            from kvport.core.config import ConfigError
             raise ConfigError(f"dtype {dtype} is not supported on {self.device_type}; "
                               f"supported: {', '.join(self.supported_dtypes())}")
+        quantization = config.model.quantization
+        if quantization is not None and quantization not in self.supported_quantizations():
+            offered = ", ".join(self.supported_quantizations()) or "none"
+            raise ConfigError(f"quantization {quantization} is not supported on "
+                              f"{self.device_type}; supported: {offered}")
 
     def resolve_dtype(self, config: EngineConfig, checkpoint_dtype: str) -> str:
         """The concrete dtype the model runs in."""

@@ -65,6 +65,11 @@ class TorchWorker(Worker):
         model_class = self.registry.model_class(self.model_info.architecture, framework="torch")
         self.model = build_model(self.model_info, model_class, self.dtype, self.attn_backend,
                                  self.device)
+        if self.config.model.quantization:
+            from kvport.models.quantization import quantize_model
+            replaced = quantize_model(self.model, self.config.model.quantization)
+            logger.info("quantized %d linear layers to %s", replaced,
+                        self.config.model.quantization)
 
     def bytes_per_block(self) -> int:
         info = self.model_info

@@ -29,6 +29,10 @@ class CpuPlatform(Platform):
         # bf16 only where the CPU multiplies it natively; emulated bf16 is slower than fp32.
         return "bfloat16" if cpu_info.has_native_bf16() else "float32"
 
+    def supported_quantizations(self) -> tuple[str, ...]:
+        from kvport.models.quantization import int8_matmul_available
+        return ("int8",) if int8_matmul_available() else ()
+
     def distributed_backend(self) -> str:
         return "gloo"
 
