@@ -15,7 +15,7 @@ __all__ = ["test_is_available_never_raises_and_explains_itself",
            "test_platform_attributes_match_registration", "test_memory_queries",
            "test_supported_and_default_dtypes", "test_distributed_backend",
            "test_default_attention_backend_is_usable_on_the_device",
-           "test_worker_class_is_a_worker",
+           "test_worker_class_is_a_worker", "test_registered_framework_matches_the_worker",
            "test_check_and_update_config_accepts_defaults_and_is_idempotent",
            "test_check_and_update_config_rejects_unsupported_dtypes"]
 
@@ -124,6 +124,20 @@ def test_worker_class_is_a_worker(kit_target):
     cls = import_object(path)
     assert isinstance(cls, type) and issubclass(cls, Worker), (
         f"worker_class() returned {path!r}, which is not a subclass of kvport.core.worker.Worker")
+
+
+def test_registered_framework_matches_the_worker(kit_target):
+    """A platform registered as torch (the default) must have a torch worker, which the
+    kit's torch checks ask for its device; otherwise it must say which framework it uses."""
+    if kit_target.framework != "torch":
+        pytest.skip(f"a {kit_target.framework} platform")
+    from kvport.testing.target import framework_mismatch
+    try:
+        kit_target.torch_device()
+    except TypeError as exc:
+        if str(exc) != framework_mismatch(kit_target):
+            raise
+        pytest.fail(str(exc), pytrace=False)
 
 
 def test_check_and_update_config_accepts_defaults_and_is_idempotent(kit_target):

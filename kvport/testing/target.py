@@ -67,11 +67,21 @@ class KitTarget:
             worker_class = import_object(self.platform.worker_class())
             config = EngineConfig.from_kwargs(device=self.name, dtype="float32")
             worker = worker_class(config, None, self.platform, self.registry)
-            if not hasattr(worker, "torch_device"):
-                raise TypeError(f"{self.platform.worker_class()} has no torch_device(); the "
-                                "kit's torch checks need a TorchWorker subclass")
+            if not callable(getattr(worker, "torch_device", None)):
+                raise TypeError(framework_mismatch(self))
             self._torch_device = worker.torch_device()
         return self._torch_device
+
+
+def framework_mismatch(target: KitTarget) -> str:
+    """Why a platform registered as torch cannot be checked as one."""
+    reg = target.registration
+    return (f"platform {reg.name!r} is registered with framework={reg.framework!r} (the "
+            f"default is 'torch'), but its worker {target.platform.worker_class()} has no "
+            "torch_device(), so it is not a torch worker (kvport.torch_worker.worker."
+            "TorchWorker). If it computes with another framework, register the platform and "
+            "its attention backends with framework=\"jax\" (or yours): the kit then runs its "
+            "platform and end-to-end checks and skips the torch-based ones")
 
 
 def kit_options(config: pytest.Config, module: Any = None) -> KitOptions:
