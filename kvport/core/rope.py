@@ -1,0 +1,84 @@
+"""Rotary position embedding parameters and inverse frequencies, numpy only.
+
+The torch models keep their own copy in kvport/models/layers.py; this one serves workers that
+are not torch (JAX). Both compute what transformers computes, in float32, so they agree with
+it (and each other) bit for bit on the frequencies.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+DEFAULT_ROPE_THETA = 10000.0
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """The rotary parameters of a model, whichever transformers version wrote its config."""
+    rope_type: str = "default"
+    theta: float = DEFAULT_ROPE_THETA
+    factor: float = 1.0                       # linear, llama3
+    low_freq_factor: float = 1.0              # llama3
+    high_freq_factor: float = 4.0             # llama3
+    original_max_position_embeddings: int | None = None   # llama3
+
+
+def parse_rope_config(hf_config: dict[str, Any]) -> RopeConfig:
+    """Read rope settings from an HF-style config dict (4.x `rope_theta` + `rope_scaling`, or
+    5.x `rope_parameters`). Raises ValueError for rope types kvport does not implement."""
+    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"rope parameters must be a dict, got {params!r}")
+    if params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError("per-layer-type rope parameters "
+                         f"({', '.join(params)}) are not supported by this model family")
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
+                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
+    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ValueError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
+    theta = float(params.get("rope_theta") or hf_config.get("rope_theta") or DEFAULT_ROPE_THETA)
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    if "factor" not in params:
+        raise ValueError(f"rope type {rope_type!r} needs a 'factor' in the rope parameters")
+    if rope_type == "linear":
+        return RopeConfig("linear", theta, factor=float(params["factor"]))
+    original = (params.get("original_max_position_embeddings")
+                or hf_config.get("original_max_position_embeddings")
+                or hf_config.get("max_position_embeddings"))
+    return RopeConfig("llama3", theta, factor=float(params["factor"]),
+                      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+                      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+                      original_max_position_embeddings=int(original))
+
+
+def rope_inv_freq(rope: RopeConfig, head_size: int) -> np.ndarray:
+    """[head_size // 2] float32 inverse frequencies, computed as transformers computes them."""
+    f32 = np.float32
+    exponents = np.arange(0, head_size, 2).astype(f32) / f32(head_size)
+    # theta ** e rounded once from float64: torch's float32 pow is correctly rounded except
+    # in rare last-ulp cases, and this matches it far more often than numpy's float32 pow.
+    powers = np.power(np.float64(rope.theta), exponents.astype(np.float64)).astype(f32)
+    inv_freq = f32(1.0) / powers
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / f32(rope.factor)
+    elif rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_freq_wavelen = old_len / rope.low_freq_factor
+        high_freq_wavelen = old_len / rope.high_freq_factor
+        wavelen = f32(2 * math.pi) / inv_freq
+        # long wavelengths are divided by factor, short ones kept, the band between smoothed
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / f32(rope.factor), inv_freq)
+        smooth = ((f32(old_len) / wavelen - f32(rope.low_freq_factor))
+                  / f32(rope.high_freq_factor - rope.low_freq_factor))
+        smoothed = (1 - smooth) * scaled / f32(rope.factor) + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled)
+    return inv_freq.astype(f32)

@@ -1,0 +1,67 @@
+"""Device memory as JAX reports it, with a documented fallback for JAX's CPU backend.
+
+TPU and GPU devices report `memory_stats()`: `bytes_limit` (what JAX's allocator may use;
+on GPUs 75% of the card unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise) and
+`bytes_in_use`. The CPU backend reports nothing, so there the host's memory stands in
+(/proc/meminfo), and the KV cache defaults to min(4 GiB, a quarter of available memory), as
+in the CPU plugin.
+"""
+from __future__ import annotations
+
+import os
+
+CPU_DEFAULT_KV_CACHE_BYTES = 4 * 2**30
+
+
+def _meminfo_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def host_total_bytes() -> int:
+    total = _meminfo_bytes("MemTotal")
+    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def host_available_bytes() -> int:
+    available = _meminfo_bytes("MemAvailable")
+    if available is not None:
+        return available
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def device_stats(device) -> dict | None:
+    """The device's memory stats, or None where the backend keeps none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:   # some backends raise instead of returning None; both mean "none"
+        return None
+    return stats if stats and "bytes_limit" in stats else None
+
+
+def total_bytes(device) -> int:
+    stats = device_stats(device)
+    return int(stats["bytes_limit"]) if stats else host_total_bytes()
+
+
+def free_bytes(device) -> int:
+    stats = device_stats(device)
+    if stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return host_available_bytes()
+
+
+def kv_cache_budget(device, utilization: float, reserve_bytes: int) -> int:
+    """Bytes the KV cache may take: `utilization` of the device limit, minus what is in use
+    (the weights) and `reserve_bytes` for a step's activations; CPU: the fallback above."""
+    stats = device_stats(device)
+    if not stats:
+        return min(CPU_DEFAULT_KV_CACHE_BYTES, host_available_bytes() // 4)
+    limit = int(stats["bytes_limit"]) * utilization
+    return max(int(limit) - int(stats.get("bytes_in_use", 0)) - reserve_bytes, 0)

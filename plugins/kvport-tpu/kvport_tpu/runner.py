@@ -1,0 +1,135 @@
+"""The JAX model runner: request state, one jitted model step and one jitted sampler per step.
+
+The step function takes the parameters, the KV cache (donated: XLA reuses its buffer, so the
+cache is updated in place across steps), the padded token inputs and the attention metadata,
+and returns the logits of the rows that sample plus the new cache. It is compiled once per
+StepShape; the sampler once per (rows, flags, padded list sizes). Both sets of keys are kept
+(`compile_log`), so the number of compilations of a workload can be read back and asserted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kvport.core.worker import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from kvport_tpu.attention.ragged import ragged_attention
+from kvport_tpu.buckets import ShapeBuckets, StepShape
+from kvport_tpu.request_state import RequestState
+from kvport_tpu.sampler import SamplingBatch, sample_jit
+from kvport_tpu.step_inputs import build_step_inputs
+
+
+@dataclass
+class CompileLog:
+    """The distinct shapes each jitted function has seen (one XLA compilation each)."""
+    step_shapes: set[StepShape] = field(default_factory=set)
+    sampler_keys: set[tuple] = field(default_factory=set)
+
+    @property
+    def total(self) -> int:
+        return len(self.step_shapes) + len(self.sampler_keys)
+
+
+class JaxModelRunner:
+    """Holds the parameters, the KV cache and every request's state on one JAX device."""
+
+    def __init__(self, model, params: dict, attn_backend, kv_cache: jnp.ndarray,
+                 rope: tuple[jnp.ndarray, jnp.ndarray], buckets: ShapeBuckets, block_size: int,
+                 vocab_size: int, seed: int):
+        self.model = model
+        self.params = params
+        self.attn_backend = attn_backend
+        self.kv_cache = kv_cache
+        self.rope = rope
+        self.buckets = buckets
+        self.block_size = block_size
+        self.vocab_size = vocab_size
+        self.rng = np.random.default_rng(seed)
+        self.states: dict[str, RequestState] = {}
+        self.compile_log = CompileLog()
+        tile_fn = attn_backend.tile_fn()
+        self._step = jax.jit(self._make_step(tile_fn), donate_argnums=(1,))
+
+    def _make_step(self, tile_fn):
+        model, backend = self.model, self.attn_backend
+
+        def step(params, kv_cache, rope, input_ids, positions, attn_md, logits_rows):
+            cos, sin = rope[0][positions], rope[1][positions]
+
+            def attend(q, k, v, cache, layer):
+                return ragged_attention(q, k, v, cache, layer, attn_md, backend.prefill_tile,
+                                        tile_fn)
+            hidden, kv_cache = model.forward(params, kv_cache, input_ids, cos, sin, attend)
+            return model.compute_logits(params, hidden[logits_rows]), kv_cache
+        return step
+
+    # ---------------------------------------------------------------------------- state
+    def update_states(self, scheduler_output: SchedulerOutput) -> None:
+        """Drop freed requests, add new ones, extend block tables of the others."""
+        for req_id in scheduler_output.freed_req_ids:
+            self.states.pop(req_id, None)
+        for new in scheduler_output.new_requests:
+            self.states[new.req_id] = RequestState(
+                req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
+                output_token_ids=list(new.output_token_ids),
+                sampling_params=new.sampling_params, block_ids=list(new.block_ids),
+                num_computed_tokens=new.num_computed_tokens, seed=new.sample_seed)
+        for cached in scheduler_output.cached_requests:
+            state = self.states[cached.req_id]
+            state.block_ids.extend(cached.new_block_ids)
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    # ----------------------------------------------------------------------------- step
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return ModelRunnerOutput()
+        req_ids = list(scheduler_output.num_scheduled_tokens)
+        states = [self.states[r] for r in req_ids]
+        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        inputs = build_step_inputs(states, counts, self.block_size, self.buckets)
+        logits = self.run_model(inputs.shape, inputs.input_ids, inputs.positions,
+                                self.attn_backend.build_metadata(inputs.attention,
+                                                                 shape=inputs.shape),
+                                inputs.logits_rows)
+        for state, count in zip(states, counts):
+            state.num_computed_tokens += count
+        if not inputs.sampling_states:
+            return ModelRunnerOutput()
+        return self.sample(logits, inputs.sampling_states, inputs.shape.num_seqs)
+
+    def run_model(self, shape: StepShape, input_ids, positions, attn_md, logits_rows):
+        """One jitted forward pass; returns the [S, V] float32 logits (on device)."""
+        self.compile_log.step_shapes.add(shape)
+        logits, self.kv_cache = self._step(self.params, self.kv_cache, self.rope, input_ids,
+                                           positions, attn_md, logits_rows)
+        return logits
+
+    def sample(self, logits, states: list[RequestState], num_rows: int) -> ModelRunnerOutput:
+        rows = [(s.sampling_params, s.seed, s.prompt_token_ids, s.output_token_ids)
+                for s in states]
+        batch, flags = SamplingBatch.build(rows, num_rows, self.vocab_size, self.rng)
+        self.compile_log.sampler_keys.add(
+            (num_rows, flags, batch.prompt_tokens.shape[1], batch.output_tokens.shape[1],
+             batch.min_tokens_rows.shape[0]))
+        sampled, logprobs = sample_jit(logits, batch, flags)
+        n = len(states)
+        token_ids = np.asarray(sampled)[:n].tolist()
+        for state, token_id in zip(states, token_ids):
+            state.output_token_ids.append(token_id)
+        return ModelRunnerOutput(req_ids=[s.req_id for s in states],
+                                 sampled_token_ids=token_ids,
+                                 logprobs=self._logprobs(logprobs, states))
+
+    @staticmethod
+    def _logprobs(logprobs, states: list[RequestState]) -> SampledLogprobs | None:
+        if logprobs is None:
+            return None
+        n = len(states)
+        width = 1 + max(s.sampling_params.logprobs or 0 for s in states)
+        ids, lps, ranks = (np.asarray(a)[:n, :width] for a in logprobs)
+        return SampledLogprobs(token_ids=ids.astype(np.int64), logprobs=lps.astype(np.float32),
+                               ranks=ranks.astype(np.int64))
