@@ -23,4 +23,10 @@ if [ -n "$extras" ]; then
     # the version the tests were written against; it needs no torch.
     $PIP install -q --disable-pip-version-check "jax==0.10.2" "jaxlib==0.10.2"
     $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-tpu
+    # kvport-cuda / kvport-rocm: detection, selection and their Triton kernels (in Triton's
+    # CPU interpreter) are tested without a GPU. Triton 3.9 pinned: 3.6's interpreter fails
+    # under numpy >= 2.4 (int() of its 1-element scalars). --no-deps: triton needs nothing.
+    $PIP install -q --disable-pip-version-check --no-deps "triton==${KVPORT_TRITON_VERSION:-3.9.0}"
+    $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-cuda \
+        -e plugins/kvport-rocm
 fi

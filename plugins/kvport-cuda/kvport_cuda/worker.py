@@ -1,0 +1,73 @@
+"""The CUDA worker: the shared torch worker on a GPU, with a profiled KV cache budget, the
+CUDA model runner, and decode graphs captured at warm-up."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend
+from kvport.torch_worker.model_runner import TorchModelRunner
+from kvport.torch_worker.worker import TorchWorker
+from kvport_cuda.graphs import default_batch_sizes
+from kvport_cuda.memory import MemoryProfile, profile_memory
+from kvport_cuda.model_runner import CudaModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class CudaWorker(TorchWorker):
+    """Runs the model on one GPU (the platform's current device)."""
+
+    memory_profile: MemoryProfile | None = None
+
+    def torch_device(self) -> torch.device:
+        return torch.device("cuda", self.platform.device_index)
+
+    def init_device(self) -> None:
+        torch.cuda.set_device(self.platform.device_index)
+        super().init_device()
+
+    def determine_available_kv_blocks(self) -> int:
+        """`kv_cache_memory` when set; else gpu_memory_utilization x the GPU's memory, less
+        the weights, the measured peak of the largest step and what PyTorch does not own."""
+        if self.config.cache.kv_cache_memory:
+            return super().determine_available_kv_blocks()
+        info, cache = self.model_info, self.config.cache
+        profile = profile_memory(
+            self.model, self.attn_backend,
+            lambda n: self.attn_backend.kv_cache_shape(n, cache.block_size, info.num_kv_heads,
+                                                       info.head_size),
+            self.dtype, info.num_layers, info.vocab_size, self.device,
+            self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs,
+            cache.block_size, cache.gpu_memory_utilization)
+        self.memory_profile = profile
+        logger.info("%s", profile.describe())
+        return profile.kv_cache // self.bytes_per_block()
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        info, cache = self.model_info, self.config.cache
+        shape = self.attn_backend.kv_cache_shape(num_blocks, cache.block_size,
+                                                 info.num_kv_heads, info.head_size)
+        kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                     for _ in range(info.num_layers)]
+        if isinstance(self.attn_backend, TritonPagedAttentionBackend):
+            self.runner = CudaModelRunner(
+                self.model, self.attn_backend, kv_caches, self.device, cache.block_size,
+                info.vocab_size, max_num_seqs=self.config.scheduler.max_num_seqs,
+                max_model_len=self.config.model.max_model_len)
+        else:
+            logger.info("attention backend %r has no device-side metadata: running the shared "
+                        "torch runner (no CUDA graphs)", self.attn_backend.name)
+            self.runner = TorchModelRunner(self.model, self.attn_backend, kv_caches,
+                                           self.device, cache.block_size, info.vocab_size)
+
+    def warm_up(self) -> None:
+        """Capture the decode CUDA graphs (unless enforce_eager or another runner)."""
+        if self.config.device.enforce_eager or not isinstance(self.runner, CudaModelRunner):
+            return
+        self.runner.capture_graphs(default_batch_sizes(self.config.scheduler.max_num_seqs))
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        torch.cuda.empty_cache()
