@@ -49,6 +49,20 @@ class DecodeGroup:
     num_blocks: int                  # blocks gathered per request (padded)
     mask: torch.Tensor               # [n, 1, 1, num_blocks * block_size] additive 0 / -inf
     in_order: bool                   # token_idx == arange(n): rows 0..n-1 of the step
+    kv_rows: tuple[int, torch.Tensor] | None = None   # see kv_rows(); memo of the first layer
+
+
+def kv_rows(part: "DecodeGroup | PrefillChunk", num_cache_blocks: int) -> torch.Tensor:
+    """Rows of the cache viewed as [2 * num_blocks, page] that hold `part`'s blocks: the keys'
+    pages, then the values'. Computed once per step (every layer's cache has the same size).
+
+    One index_select along dim 0 of that view runs at copy bandwidth; selecting along dim 1 of
+    [2, num_blocks, page] measured 2.3x slower on the same bytes.
+    """
+    if part.kv_rows is None or part.kv_rows[0] != num_cache_blocks:
+        ids = part.block_ids
+        part.kv_rows = (num_cache_blocks, torch.cat([ids, ids + num_cache_blocks]))
+    return part.kv_rows[1]
 
 
 @dataclass
@@ -59,6 +73,7 @@ class PrefillChunk:
     block_ids: torch.Tensor | None   # None: attend this step's own keys/values (no context)
     kv_len: int                      # keys attended (from kv_start on)
     mask: torch.Tensor | None        # [1, 1, q, kv_len] additive; None: plain causal
+    kv_rows: tuple[int, torch.Tensor] | None = None   # see kv_rows(); memo of the first layer
 
 
 @dataclass
@@ -228,7 +243,7 @@ class CpuPagedAttentionBackend(AttentionBackend):
 
         T = query.shape[0]
         q_all = query.to(cache_dtype)
-        pages = kv_cache.view(2, kv_cache.shape[1], bs * kvh * d)
+        pages = kv_cache.view(2 * kv_cache.shape[1], bs * kvh * d)     # keys' rows, values' rows
         workspace = self._get_workspace(cache_dtype, metadata.workspace_blocks * bs * kvh * d,
                                         query.device)
         groups, prefills = metadata.decode_groups, metadata.prefills
@@ -248,8 +263,8 @@ class CpuPagedAttentionBackend(AttentionBackend):
                 v = value_c[chunk.start:chunk.end].transpose(0, 1).unsqueeze(0)
             else:
                 nb = chunk.block_ids.numel()
-                kv = workspace[:2 * nb * bs * kvh * d].view(2, nb, bs * kvh * d)
-                torch.index_select(pages, 1, chunk.block_ids, out=kv)
+                kv = workspace[:2 * nb * bs * kvh * d].view(2 * nb, bs * kvh * d)
+                torch.index_select(pages, 0, kv_rows(chunk, kv_cache.shape[1]), out=kv)
                 kv = kv.view(2, nb * bs, kvh, d)[:, :chunk.kv_len]
                 k = kv[0].transpose(0, 1).unsqueeze(0)                       # [1, kvh, L, d]
                 v = kv[1].transpose(0, 1).unsqueeze(0)
@@ -268,8 +283,8 @@ class CpuPagedAttentionBackend(AttentionBackend):
         n, nb = group.num_reqs, group.num_blocks
         q = q_all[:n] if group.in_order else q_all.index_select(0, group.token_idx)
         q = q.reshape(n, kvh, spec.num_queries_per_kv, d)       # G query rows per KV head
-        kv = workspace[:2 * n * nb * bs * kvh * d].view(2, n * nb, bs * kvh * d)
-        torch.index_select(pages, 1, group.block_ids, out=kv)
+        kv = workspace[:2 * n * nb * bs * kvh * d].view(2 * n * nb, bs * kvh * d)
+        torch.index_select(pages, 0, kv_rows(group, pages.shape[0] // 2), out=kv)
         kv = kv.view(2, n, nb * bs, kvh, d)
         k, v = kv[0].transpose(1, 2), kv[1].transpose(1, 2)     # [n, kvh, L, d], strided
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=group.mask.to(q.dtype),
