@@ -21,14 +21,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m kvport.api.cli serve MODEL --device cpu ...`, stopped with SIGTERM."""
+    """`python -m kvport.api.cli serve MODEL --device DEVICE ...`, stopped with SIGTERM."""
 
     def __init__(self, model: str, *options: str, api_key: str | None = None,
-                 startup_timeout: float = 240.0):
+                 startup_timeout: float = 240.0, device: str = "cpu"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        command = [sys.executable, "-m", "kvport.api.cli", "serve", model, "--device", "cpu",
+        command = [sys.executable, "-m", "kvport.api.cli", "serve", model, "--device", device,
                    "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning",
                    *options]
         if api_key:
