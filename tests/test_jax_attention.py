@@ -118,6 +118,27 @@ def test_jnp_bfloat16_cache_close_to_reference():
     np.testing.assert_allclose(out, ref_out, atol=3e-2, rtol=3e-2, err_msg=f"seed {seed}")
 
 
+def test_bfloat16_cache_stored_as_bits_gives_identical_results():
+    """The worker allocates 16-bit caches as uint16 bit patterns (in-place scatters on XLA's
+    CPU backend); reading and writing through them changes no bit."""
+    rng = np.random.default_rng(secrets.randbits(32))
+    spec = make_spec(8, 2, 32, 16, dtype="bfloat16")
+    backend = JaxRaggedBackend(spec)
+    assert backend.cache_storage_dtype() == jnp.uint16
+    common = random_step(rng, 16)
+    q, k, v, cache = random_inputs(rng, common, spec)
+    md = backend.build_metadata(common)
+    cache_bf16 = jnp.asarray(cache, jnp.bfloat16)
+    cache_bits = jax.lax.bitcast_convert_type(cache_bf16, jnp.uint16)
+    out_bf16, new_bf16 = backend.forward(q, k, v, cache_bf16, md)
+    out_bits, new_bits = backend.forward(q, k, v, cache_bits, md)
+    assert new_bits.dtype == jnp.uint16
+    np.testing.assert_array_equal(np.asarray(out_bits, np.float32),
+                                  np.asarray(out_bf16, np.float32))
+    np.testing.assert_array_equal(np.asarray(new_bits),
+                                  np.asarray(jax.lax.bitcast_convert_type(new_bf16, jnp.uint16)))
+
+
 def test_single_layer_cache_and_stacked_cache_agree():
     """forward takes one layer's [2, ...] cache or the stacked [L, 2, ...] with `layer`."""
     rng = np.random.default_rng(secrets.randbits(32))

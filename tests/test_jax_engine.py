@@ -190,6 +190,19 @@ def test_compilations_for_100_mixed_requests_are_bounded(tiny_llama_dir, record_
     assert_pool_full(llm)
 
 
+def test_precompiled_decode_shapes_serve_the_decode_steps(tiny_llama_dir, hf_greedy):
+    llm = make_llm(tiny_llama_dir, max_num_seqs=8, max_model_len=128, num_blocks=64)
+    runner = llm.engine.worker.runner
+    shapes = runner.buckets.decode_shapes()
+    runner.precompile(shapes, max_workers=2)
+    assert runner.compile_log.step_shapes == set(shapes)
+    assert token_ids(llm.generate(PROMPTS[:2], greedy(max_tokens=5), use_tqdm=False)) == \
+        [hf_greedy[0][:5], hf_greedy[1][:5]]
+    # only the prompt step compiled anew; the four decode steps ran precompiled code
+    assert [s.num_prefill_tiles > 0 for s in runner.compile_log.step_shapes - set(shapes)] \
+        == [True]
+
+
 def test_pallas_kernel_serves_through_the_engine(tiny_llama_dir, hf_greedy):
     """attention_backend="pallas_ragged": the TPU kernel, interpreted on this CPU, inside
     the jitted model step (few tokens: interpretation is slow)."""

@@ -83,6 +83,12 @@ class ShapeBuckets:
         most = self.max_tokens // self.prefill_tile + min(self.max_seqs, self.max_tokens)
         return [0] + powers_between(1, most)
 
+    def decode_shapes(self) -> list[StepShape]:
+        """The shapes of steps that only decode (one token per sequence): what a server spends
+        most steps in, and what is worth compiling ahead."""
+        return [self.shape_for(seqs, seqs, blocks, 0)
+                for seqs in self.seq_buckets() for blocks in self.block_buckets()]
+
     def max_shapes(self) -> int:
         """An upper bound on the distinct step shapes (hence step compilations)."""
         return (len(self.token_buckets()) * len(self.seq_buckets()) * len(self.block_buckets())

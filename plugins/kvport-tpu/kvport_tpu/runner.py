@@ -3,17 +3,22 @@
 The step function takes the parameters, the KV cache (donated: XLA reuses its buffer, so the
 cache is updated in place across steps), the padded token inputs and the attention metadata,
 and returns the logits of the rows that sample plus the new cache. It is compiled once per
-StepShape; the sampler once per (rows, flags, padded list sizes). Both sets of keys are kept
-(`compile_log`), so the number of compilations of a workload can be read back and asserted.
+StepShape, on first use or ahead of it (`precompile`, in parallel threads), and the
+executables are kept per shape; the sampler compiles once per (rows, flags, padded list
+sizes). Both sets of keys are kept (`compile_log`), so the number of compilations of a
+workload can be read back and asserted.
 """
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kvport.attention_backends.interface import CommonAttentionMetadata
 from kvport.core.worker import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
 from kvport_tpu.attention.ragged import ragged_attention
 from kvport_tpu.buckets import ShapeBuckets, StepShape
@@ -52,8 +57,10 @@ class JaxModelRunner:
         self.compile_log = CompileLog()
         tile_fn = attn_backend.tile_fn()
         self._step = jax.jit(self._make_step(tile_fn), donate_argnums=(1,))
+        self._executables: dict[StepShape, object] = {}
 
     def _make_step(self, tile_fn):
+        """The pure step function (jitted in __init__) closing over the model and backend."""
         model, backend = self.model, self.attn_backend
 
         def step(params, kv_cache, rope, input_ids, positions, attn_md, logits_rows):
@@ -61,7 +68,7 @@ class JaxModelRunner:
 
             def attend(q, k, v, cache, layer):
                 return ragged_attention(q, k, v, cache, layer, attn_md, backend.prefill_tile,
-                                        tile_fn)
+                                        tile_fn, backend.kv_dtype)
             hidden, kv_cache = model.forward(params, kv_cache, input_ids, cos, sin, attend)
             return model.compute_logits(params, hidden[logits_rows]), kv_cache
         return step
@@ -84,6 +91,7 @@ class JaxModelRunner:
 
     # ----------------------------------------------------------------------------- step
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """One engine step: state updates, the model on the padded batch, then sampling."""
         self.update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
@@ -102,13 +110,41 @@ class JaxModelRunner:
         return self.sample(logits, inputs.sampling_states, inputs.shape.num_seqs)
 
     def run_model(self, shape: StepShape, input_ids, positions, attn_md, logits_rows):
-        """One jitted forward pass; returns the [S, V] float32 logits (on device)."""
-        self.compile_log.step_shapes.add(shape)
-        logits, self.kv_cache = self._step(self.params, self.kv_cache, self.rope, input_ids,
-                                           positions, attn_md, logits_rows)
+        """One compiled forward pass; returns the [S, V] float32 logits (on device)."""
+        args = (self.params, self.kv_cache, self.rope, input_ids, positions, attn_md,
+                logits_rows)
+        executable = self._executables.get(shape)
+        if executable is None:
+            executable = self._compile(shape, args)
+        logits, self.kv_cache = executable(*args)
         return logits
 
+    def _compile(self, shape: StepShape, args) -> object:
+        executable = self._step.lower(*args).compile()
+        self._executables[shape] = executable
+        self.compile_log.step_shapes.add(shape)
+        return executable
+
+    def precompile(self, shapes: list[StepShape], max_workers: int | None = None) -> float:
+        """Compile the step for `shapes` ahead of use, several at a time (XLA compiles outside
+        the GIL). Returns the wall seconds it took."""
+        start = time.perf_counter()
+        todo = [s for s in dict.fromkeys(shapes) if s not in self._executables]
+        with ThreadPoolExecutor(max_workers) as pool:
+            list(pool.map(lambda shape: self._compile(shape, self._dummy_args(shape)), todo))
+        return time.perf_counter() - start
+
+    def _dummy_args(self, shape: StepShape):
+        """Step arguments of `shape` with no request in them (all padding)."""
+        empty = CommonAttentionMetadata(np.zeros(1, np.int32), np.zeros(0, np.int32),
+                                        np.zeros((0, 0), np.int32), np.zeros(0, np.int64))
+        zeros = np.zeros(shape.num_tokens, np.int32)
+        return (self.params, self.kv_cache, self.rope, zeros, zeros,
+                self.attn_backend.build_metadata(empty, shape=shape),
+                np.zeros(shape.num_seqs, np.int32))
+
     def sample(self, logits, states: list[RequestState], num_rows: int) -> ModelRunnerOutput:
+        """Sample one token for each of `states` (the first rows of `logits`) and record it."""
         rows = [(s.sampling_params, s.seed, s.prompt_token_ids, s.output_token_ids)
                 for s in states]
         batch, flags = SamplingBatch.build(rows, num_rows, self.vocab_size, self.rng)

@@ -7,6 +7,7 @@ KV cache is one device array for all layers, donated to every step.
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +96,8 @@ class JaxWorker(Worker):
         info, cache = self.model_info, self.config.cache
         shape = (info.num_layers,) + self.attn_backend.kv_cache_shape(
             num_blocks, cache.block_size, info.num_kv_heads, info.head_size)
-        kv_cache = jax.device_put(jnp.zeros(shape, self.dtype), self.device)
+        kv_cache = jnp.zeros(shape, self.attn_backend.cache_storage_dtype(),
+                             device=self.device)
         max_len = self.config.model.max_model_len
         cos, sin = rope_tables(self.model.spec.rope, info.head_size, max_len)
         rope = jax.device_put((cos, sin), self.device)
@@ -107,12 +109,20 @@ class JaxWorker(Worker):
         self.runner = JaxModelRunner(self.model, self.params, self.attn_backend, kv_cache, rope,
                                      buckets, cache.block_size, info.vocab_size,
                                      self.config.model.seed)
-        logger.info("JAX worker on %s: KV cache %s %s; at most %d step shapes", self.device,
-                    shape, jnp.dtype(self.dtype).name, buckets.max_shapes())
+        logger.info("JAX worker on %s: KV cache %s %s (stored as %s); at most %d step shapes",
+                    self.device, shape, jnp.dtype(self.dtype).name, kv_cache.dtype.name,
+                    buckets.max_shapes())
 
     def warm_up(self) -> None:
-        """Nothing is compiled ahead: each step shape compiles on first use (the buckets keep
-        them few). Compiling every bucket up front would take minutes on a CPU."""
+        """On an accelerator, compile the decode-only step shapes ahead, all cores at once: a
+        server spends most of its steps in them. Other shapes (steps with prompts) compile on
+        first use. On JAX's CPU backend nothing is compiled ahead: a small machine would take
+        minutes, and tests start many engines."""
+        if self.device.platform == "cpu":
+            return
+        shapes = self.runner.buckets.decode_shapes()
+        seconds = self.runner.precompile(shapes, max_workers=os.cpu_count())
+        logger.info("compiled %d decode step shapes in %.1f s", len(shapes), seconds)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)

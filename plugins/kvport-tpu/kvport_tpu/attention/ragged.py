@@ -13,39 +13,68 @@ A tile function is one of two implementations of the same contract:
 
 attending each tile row (a query at absolute position q_pos + row) to the keys of its
 sequence at positions <= its own (and > its own - sliding_window), over the sequence's pages.
+
+Storage: a 16-bit float cache may be stored as its uint16 bit patterns (`storage_dtype`).
+XLA's CPU backend does not scatter into a bfloat16 buffer in place (it converts the whole
+buffer, every layer of every step); into 16-bit integers it does. Only what a step writes and
+reads is bitcast, never the whole cache.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import jax.numpy as jnp
+from jax import lax
 
 from kvport_tpu.attention.metadata import RaggedMetadata, TileSet
 
 TileFn = Callable[..., jnp.ndarray]
 
 
+def storage_dtype(dtype) -> jnp.dtype:
+    """How a cache of `dtype` values is stored by the jax.numpy backend."""
+    dtype = jnp.dtype(dtype)
+    is_float16 = dtype.itemsize == 2 and jnp.issubdtype(dtype, jnp.floating)
+    return jnp.dtype(jnp.uint16) if is_float16 else dtype
+
+
+def to_storage(values: jnp.ndarray, cache_dtype, kv_dtype) -> jnp.ndarray:
+    values = values.astype(kv_dtype)
+    if jnp.dtype(cache_dtype) == jnp.dtype(kv_dtype):
+        return values
+    return lax.bitcast_convert_type(values, cache_dtype)
+
+
+def from_storage(values: jnp.ndarray, kv_dtype) -> jnp.ndarray:
+    if values.dtype == jnp.dtype(kv_dtype):
+        return values
+    return lax.bitcast_convert_type(values, kv_dtype)
+
+
 def write_kv(cache: jnp.ndarray, layer, key: jnp.ndarray, value: jnp.ndarray,
-             slots: jnp.ndarray) -> jnp.ndarray:
+             slots: jnp.ndarray, kv_dtype) -> jnp.ndarray:
     """Scatter key/value [T, kvh, d] into `layer`'s slots; slots of -1 (padding) are dropped."""
     L, _, num_blocks, block_size, kvh, d = cache.shape
     plane = num_blocks * block_size
     flat = cache.reshape(L * 2 * plane, kvh, d)
-    out_of_bounds = flat.shape[0]   # mode="drop" skips it
+    # padding goes to distinct indices past the end, which mode="drop" skips
+    out_of_bounds = flat.shape[0] + jnp.arange(slots.shape[0], dtype=slots.dtype)
     base = layer * 2 * plane
     k_idx = jnp.where(slots >= 0, base + slots, out_of_bounds)
-    v_idx = jnp.where(slots >= 0, base + plane + slots, out_of_bounds)
+    v_idx = jnp.where(slots >= 0, base + plane + slots, out_of_bounds + slots.shape[0])
     index = jnp.concatenate([k_idx, v_idx])
-    values = jnp.concatenate([key, value]).astype(cache.dtype)
-    return flat.at[index].set(values, mode="drop").reshape(cache.shape)
+    values = to_storage(jnp.concatenate([key, value]), cache.dtype, kv_dtype)
+    flat = flat.at[index].set(values, mode="drop", unique_indices=True)
+    return flat.reshape(cache.shape)
 
 
 def ragged_attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray,
                      cache: jnp.ndarray, layer, md: RaggedMetadata, prefill_tile: int,
-                     tile_fn: TileFn) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """query [T, H, d], key/value [T, kvh, d] -> ([T, H * d] in the query's dtype, cache)."""
+                     tile_fn: TileFn, kv_dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """query [T, H, d], key/value [T, kvh, d] -> ([T, H * d] in the query's dtype, cache).
+    kv_dtype: the dtype of the cached values (the cache itself may hold their bits)."""
     T, H, d = query.shape
-    cache = write_kv(cache, layer, key, value, md.slots)
+    cache = write_kv(cache, layer, key, value, md.slots, kv_dtype)
     outputs = []
     for tiles, tile in ((md.decode, 1), (md.prefill, prefill_tile)):
         num_tiles = tiles.seq.shape[0]

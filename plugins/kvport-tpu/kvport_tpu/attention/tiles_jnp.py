@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from kvport_tpu.attention.metadata import TileSet
-from kvport_tpu.attention.ragged import tile_query_positions
+from kvport_tpu.attention.ragged import from_storage, tile_query_positions
 
 DEFAULT_CHUNK_TOKENS = 128
 
@@ -24,7 +24,7 @@ def _precision(dtype) -> lax.Precision:
 
 def jnp_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles: TileSet,
                        seq_lens: jnp.ndarray, block_table: jnp.ndarray, *, scale: float,
-                       sliding_window: int | None,
+                       sliding_window: int | None, kv_dtype,
                        chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> jnp.ndarray:
     """[W, tile, H, d] attention of each tile over its sequence's pages (see ragged.py)."""
     del seq_lens   # a row's own position bounds its keys; positions past the end are never read
@@ -37,7 +37,7 @@ def jnp_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles: T
     pages = jnp.pad(pages, ((0, 0), (0, num_chunks * chunk - pages.shape[1])))
     flat = cache.reshape(L * 2 * num_blocks, block_size, kvh, d)
     k_base = layer * 2 * num_blocks
-    dtype = cache.dtype
+    dtype = jnp.dtype(kv_dtype)
     precision = _precision(dtype)
     q = q_tiles.astype(dtype).reshape(W, tile, kvh, G, d)
     q_pos = tile_query_positions(tiles, tile)                    # [W, tile]
@@ -46,8 +46,8 @@ def jnp_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles: T
     def fold_chunk(carry, c):
         m, l, acc = carry                    # [W, kvh, G, tile] x2, [W, kvh, G, tile, d]
         ids = lax.dynamic_slice_in_dim(pages, c * chunk, chunk, axis=1)        # [W, chunk]
-        k = flat[k_base + ids].reshape(W, span, kvh, d)
-        v = flat[k_base + num_blocks + ids].reshape(W, span, kvh, d)
+        k = from_storage(flat[k_base + ids], dtype).reshape(W, span, kvh, d)
+        v = from_storage(flat[k_base + num_blocks + ids], dtype).reshape(W, span, kvh, d)
         s = jnp.einsum("wtkgd,wskd->wkgts", q, k, precision=precision,
                        preferred_element_type=jnp.float32) * scale
         k_pos = c * span + jnp.arange(span, dtype=jnp.int32)
@@ -72,12 +72,12 @@ def jnp_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles: T
     return out.transpose(0, 3, 1, 2, 4).reshape(W, tile, H, d)
 
 
-def make_jnp_tile_fn(scale: float, sliding_window: int | None,
+def make_jnp_tile_fn(scale: float, sliding_window: int | None, kv_dtype,
                      chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
     """A tile function with the model's constants bound."""
     def tile_fn(q_tiles, cache, layer, tiles, seq_lens, block_table):
         return jnp_tile_attention(q_tiles, cache, layer, tiles, seq_lens, block_table,
                                   scale=scale, sliding_window=sliding_window,
-                                  chunk_tokens=chunk_tokens)
+                                  kv_dtype=kv_dtype, chunk_tokens=chunk_tokens)
     return tile_fn
 

@@ -61,6 +61,8 @@ def _kernel(layer_ref, seq_ref, q_pos_ref, q_len_ref, lens_ref, table_ref,   # S
             allowed &= key_pos > row_pos - sliding_window
         for h in range(kvh):   # static: one matmul pair per KV head
             q, k, v = q_ref[h], k_ref[:, h, :], v_ref[:, h, :]
+            if k.dtype != q.dtype:   # a cache stored as bits (see ragged.py)
+                k, v = lax.bitcast_convert_type(k, q.dtype), lax.bitcast_convert_type(v, q.dtype)
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale
             s = jnp.where(allowed, s, -jnp.inf)
@@ -92,7 +94,7 @@ def _page_index_map(plane: int, block_size: int, blocks_per_seq: int):
 
 def pallas_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles: TileSet,
                           seq_lens: jnp.ndarray, block_table: jnp.ndarray, *, scale: float,
-                          sliding_window: int | None, interpret=False) -> jnp.ndarray:
+                          sliding_window: int | None, kv_dtype, interpret=False) -> jnp.ndarray:
     """[W, tile, H, d] attention of each tile over its sequence's pages (see ragged.py).
 
     interpret: False on a TPU; `pltpu.InterpretParams()` runs the kernel on CPU in Pallas'
@@ -102,7 +104,8 @@ def pallas_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles
     _, _, _, block_size, kvh, _ = cache.shape
     group, blocks_per_seq = H // kvh, block_table.shape[1]
     rows = tile * group
-    q = (q_tiles.astype(cache.dtype).reshape(W, tile, kvh, group, d)
+    kv_dtype = jnp.dtype(kv_dtype)
+    q = (q_tiles.astype(kv_dtype).reshape(W, tile, kvh, group, d)
          .transpose(0, 2, 1, 3, 4).reshape(W, kvh, rows, d))
     tile_spec = pl.BlockSpec((None, kvh, rows, d), lambda w, p, *_: (w, 0, 0, 0))
     page_block = (None, None, None, block_size, kvh, d)
@@ -119,7 +122,7 @@ def pallas_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles
                                sliding_window=sliding_window, num_pages=blocks_per_seq)
     out = pl.pallas_call(
         kernel, grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((W, kvh, rows, d), cache.dtype),
+        out_shape=jax.ShapeDtypeStruct((W, kvh, rows, d), kv_dtype),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
         interpret=interpret,
     )(jnp.reshape(jnp.asarray(layer, jnp.int32), (1,)), tiles.seq, tiles.q_pos, tiles.q_len,
@@ -127,10 +130,11 @@ def pallas_tile_attention(q_tiles: jnp.ndarray, cache: jnp.ndarray, layer, tiles
     return out.reshape(W, kvh, tile, group, d).transpose(0, 2, 1, 3, 4).reshape(W, tile, H, d)
 
 
-def make_pallas_tile_fn(scale: float, sliding_window: int | None, interpret=False):
+def make_pallas_tile_fn(scale: float, sliding_window: int | None, kv_dtype,
+                        interpret=False):
     """A tile function with the model's constants bound."""
     def tile_fn(q_tiles, cache, layer, tiles, seq_lens, block_table):
         return pallas_tile_attention(q_tiles, cache, layer, tiles, seq_lens, block_table,
                                      scale=scale, sliding_window=sliding_window,
-                                     interpret=interpret)
+                                     kv_dtype=kv_dtype, interpret=interpret)
     return tile_fn
