@@ -48,12 +48,13 @@ def run_parity(args) -> int:
 
     from kvport import LLM, SamplingParams
     prompts = [[(7 * i + j * j) % 300 + 3 for j in range(5 + 11 * i)] for i in range(8)]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"jax_backend": jax.default_backend(), "device": str(jax.devices()[0]),
-              "families": {}}
+              "transformers_device": device, "families": {}}
     for family in ("llama", "qwen3"):
         path = build_tiny_model(f"/tmp/kvport-tiny-{family}", family, seed=3)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
-        expected = [model.generate(torch.tensor([p]).cuda(), max_new_tokens=24,
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        expected = [model.generate(torch.tensor([p], device=device), max_new_tokens=24,
                                    min_new_tokens=24, do_sample=False,
                                    pad_token_id=0)[0, len(p):].tolist() for p in prompts]
         llm = LLM(path, device="xla", dtype="float32", num_blocks=256, max_model_len=1024)
