@@ -2,9 +2,11 @@
 # kvport's GPU checks and benchmarks in one go, for a lent GPU machine (the device tool) or
 # any CUDA machine. Stages run in this order; name some to run only those:
 #   tests      tests/gpu + the Triton/CUDA/ROCm plugin tests, compiled on the GPU (pytest -n 8)
+#   server     the OpenAI server suite against `kvport serve --device cuda`; its packages
+#              (fastapi, pydantic, uvicorn, openai, ...) come as wheels from .whl when there
 #   kit        the conformance kit (kvport.testing) against the cuda platform
 #   bandwidth  decode attention bandwidth vs copy bandwidth; prefill attention rate
-#   sweep      add a sweep of decode launch settings to bandwidth
+#   sweep      sweep decode launch settings at W1's decode shape (bandwidth_w1.log)
 #   w1         W1 throughput (kvport), with the ceilings and the roofline ratio
 #   peer       add transformers' continuous batching to w1, in the same run (~3 minutes)
 #   profile    add a kernel-time profile of a short run to w1
@@ -23,7 +25,7 @@ REPORT=/tmp/kvport-gpu-report
 export PYTHONUNBUFFERED=1 KVPORT_GPU_REPORT_DIR="$REPORT"
 mkdir -p "$OUT"
 rm -rf "$REPORT"
-stages=" ${*:-tests kit bandwidth sweep w1 peer} "
+stages=" ${*:-tests server kit bandwidth sweep w1 peer} "
 has() { [[ "$stages" == *" $1 "* ]]; }
 failed=""
 run() {   # run NAME COMMAND...: log to $OUT/NAME.log, remember a failure, go on
@@ -89,13 +91,24 @@ for name, value in e2e.items():
     print(f"e2e {name}: {value}")
 EOF
 fi
+if has server; then
+    if [ -d .whl ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/kvport-wheels .whl/*.whl
+        export PYTHONPATH="/tmp/kvport-wheels${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+    run server $PY -m pytest -q -p no:cacheprovider -x tests/gpu/test_cuda_server_openai.py
+fi
 if has kit; then
     run kit timeout 300 $PY -m pytest -q -p no:cacheprovider --kvport-device cuda
 fi
 if has bandwidth; then
     sweep=(); has sweep && sweep=(--sweep)
-    run bandwidth $PY plugins/kvport-cuda/bench/decode_bandwidth.py "${sweep[@]}" \
+    run bandwidth $PY plugins/kvport-cuda/bench/decode_bandwidth.py \
         --json "$OUT/bandwidth.json"
+    # W1's decode shape (batch 256, head size 64, ragged contexts around 600), with the sweep
+    run bandwidth_w1 $PY plugins/kvport-cuda/bench/decode_bandwidth.py "${sweep[@]}" \
+        --batch 256 --context 600 --spread 0.8 --head-size 64 --no-prefill
 fi
 if has w1; then
     args=(--json "$OUT/w1.json")

@@ -157,3 +157,35 @@ def test_host_batches_match_the_shared_input_builder():
     assert got.input_ids.tolist() == expected.input_ids.tolist()
     assert got.slot_mapping.tolist() == expected.attention.slot_mapping.tolist()
     assert got.logits_indices.tolist() == expected.logits_indices.tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rms_norm_matches_rmsnorm(dtype):
+    """The fused kernel against kvport's RMSNorm: the same roundings, so equal up to the
+    float32 sum's order: within two units in the last place of the dtype on a GPU, four in
+    Triton's CPU interpreter (it truncates float32 -> bf16 where the GPU rounds to nearest,
+    and the three roundings compound)."""
+    from kvport.models.layers import RMSNorm
+    from kvport_cuda.fused_norm import FusedRMSNorm, fuse_rms_norms, rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    norm = RMSNorm(96, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(96, generator=gen))
+    x = (3 * torch.randn(5, 96, generator=gen)).to(dtype).to(DEVICE)
+    residual = torch.randn(5, 96, generator=gen).to(dtype).to(DEVICE)
+    norm = norm.to(DEVICE)
+    ulp = 2.0 ** (-23 if dtype == torch.float32 else -7) * (2 if DEVICE.type == "cpu" else 1)
+    out, new_residual = rms_norm(x, norm.weight, norm.eps, residual)
+    expected, expected_residual = norm(x, residual)
+    def close(a, b):
+        return bool(((a.float() - b.float()).abs() <= 2 * ulp * b.float().abs()).all())
+
+    assert close(new_residual, expected_residual)
+    assert close(out, expected)
+    assert close(rms_norm(x, norm.weight, norm.eps), norm(x))
+    assert not close(rms_norm(x, norm.weight, norm.eps), norm(residual))   # the check can fail
+
+    model = torch.nn.Sequential(norm, torch.nn.Linear(96, 4))
+    assert fuse_rms_norms(model) == 1 and isinstance(model[0], FusedRMSNorm)
+    assert model[0].weight is norm.weight

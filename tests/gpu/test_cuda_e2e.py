@@ -1,14 +1,19 @@
 """kvport on a GPU, end to end, against Hugging Face transformers on the same GPU.
 
-A random-weight Llama (head size 64, GQA 4) is built on the device and saved as a Hugging
-Face directory. Its weights are drawn N(0, 0.15), as in the CPU parity tests, so the logits
-have clear winners; transformers' own N(0, 0.02) init gives near-uniform logits over the
-vocabulary, where the top-1 token is decided by rounding noise in any implementation.
+Random-weight Llamas (head size 64, GQA 4) are built on the device and saved as Hugging
+Face directories.
 
 * float32: kvport's greedy tokens (chunked prefill, mixed steps, decode, CUDA graphs or eager,
-  prefix caching) equal a plain greedy loop over transformers' float32 model;
-* bf16: teacher-forced top-1 tokens (a prefill of half of each sequence, then one decode step
-  per token, all sequences batched) agree with transformers' bf16 at >= 99% of positions;
+  prefix caching) equal a plain greedy loop over transformers' float32 model. Weights are
+  drawn N(0, 0.15), as in the CPU parity tests, so the logits have clear winners.
+* bf16, teacher forced (a prefill of half of each sequence, then one decode step per token,
+  all sequences batched), on transformers' own init: kvport's top-1 tokens against
+  transformers' bf16 and float32. On random weights the top two logits are often closer than
+  bf16 rounding, so transformers' bf16 itself disagrees with its float32 at a few percent of
+  positions; the test therefore asserts (a) >= 99% agreement with transformers bf16 at the
+  positions whose float32 top-1 margin exceeds 4x transformers' own bf16 logit error there,
+  (b) kvport's agreement with float32 is within 1 point of transformers' bf16, and records
+  the raw agreements too.
 * the platform: auto-selected, bf16 by default, KV cache sized from the profiled peak.
 """
 from __future__ import annotations
@@ -71,9 +76,11 @@ def prompts_for(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
 def test_greedy_fp32_equals_transformers(llama_dir, enforce_eager):
     from kvport import LLM, SamplingParams
 
+    # A fixed KV budget: other pytest workers share the GPU, so a fraction of its memory
+    # may be taken already (the sizing has its own test below).
     llm = LLM(model=llama_dir, device="cuda", dtype="float32", max_num_seqs=8,
               max_num_batched_tokens=96, max_model_len=512, enforce_eager=enforce_eager,
-              gpu_memory_utilization=0.3)
+              kv_cache_memory="2GiB")
     vocab = llm.engine.model_info.vocab_size
     # 300 tokens: chunked over four steps; short prompts decode while it prefills
     prompts = prompts_for(vocab, (300, 7, 40, 1, 129, 16))
@@ -125,40 +132,49 @@ def teacher_forced_argmax(model, backend, sequences, prefill: int, block_size: i
     return argmax
 
 
-@pytest.mark.parametrize("init_std,required", [(0.15, 0.99), (None, None)],
-                         ids=["peaked", "hf-init"])
-def test_bf16_teacher_forced_top1(tmp_path, init_std, required):
-    """>= 99% top-1 agreement with transformers bf16 on the peaked model; with transformers'
-    own init the agreement is only recorded (see the module docstring)."""
+def test_bf16_teacher_forced_top1(tmp_path):
     from conftest import build_tiny_model
     from kvport.core.model_info import resolve_model
     from kvport.models.llama import LlamaForCausalLM
     from kvport.models.loader import build_model
 
     path = str(tmp_path / "llama")
-    overrides = dict(SHAPE, num_hidden_layers=8, vocab_size=4096)
-    build_tiny_model(path, "llama", seed=2, **overrides)
-    if init_std is None:                        # re-save with transformers' default init
-        config = transformers.AutoConfig.from_pretrained(path)
-        torch.manual_seed(2)
-        transformers.LlamaForCausalLM(config).save_pretrained(path)
+    build_tiny_model(path, "llama", seed=2, **dict(SHAPE, vocab_size=4096))
+    torch.manual_seed(2)                        # re-saved with transformers' own init
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(path)).save_pretrained(path)
     info = resolve_model(path)
-    block_size = 16
+    block_size, prefill = 16, 128
     spec = AttentionSpec(num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
                          head_size=info.head_size, block_size=block_size, dtype="bfloat16",
                          scale=info.head_size ** -0.5)
     backend = TritonPagedAttentionBackend(spec)
     model = build_model(info, LlamaForCausalLM, torch.bfloat16, backend, "cuda")
     sequences = prompts_for(info.vocab_size, [256] * 6, seed=3)
-    ours = teacher_forced_argmax(model, backend, sequences, prefill=128, block_size=block_size)
-    reference = hf_model(path, torch.bfloat16)
+    ours = teacher_forced_argmax(model, backend, sequences, prefill, block_size)
+    ids = torch.tensor(sequences, device="cuda")
     with torch.inference_mode():
-        theirs = reference(torch.tensor(sequences, device="cuda")).logits.argmax(-1).cpu().numpy()
-    agreement = float((ours == theirs).mean())
-    report(f"top1_{'peaked' if init_std else 'hf_init'}",
-           {"agreement": agreement, "positions": int(ours.size)})
-    if required is not None:
-        assert agreement >= required, f"top-1 agreement {agreement:.4f} < {required}"
+        ref32 = hf_model(path, torch.float32)(ids).logits.float()
+        ref16 = hf_model(path, torch.bfloat16)(ids).logits.float()
+    top2 = ref32.topk(2, dim=-1).values
+    margin = (top2[..., 0] - top2[..., 1]).cpu().numpy()
+    bf16_error = (ref16 - ref32).pow(2).mean(-1).sqrt().cpu().numpy()   # per position
+    decisive = margin > 4 * bf16_error
+    hf16, hf32 = ref16.argmax(-1).cpu().numpy(), ref32.argmax(-1).cpu().numpy()
+    result = {
+        "positions": int(ours.size), "decisive_positions": int(decisive.sum()),
+        "kvport_vs_hf_bf16": float((ours == hf16).mean()),
+        "kvport_vs_hf_bf16_decisive": float((ours == hf16)[decisive].mean()),
+        "kvport_vs_hf_fp32": float((ours == hf32).mean()),
+        "hf_bf16_vs_hf_fp32": float((hf16 == hf32).mean()),
+    }
+    for part, cols in (("prefill", slice(0, prefill)), ("decode", slice(prefill, None))):
+        result[f"kvport_vs_hf_bf16_{part}"] = float((ours == hf16)[:, cols].mean())
+        result[f"kvport_vs_hf_fp32_{part}"] = float((ours == hf32)[:, cols].mean())
+        result[f"hf_bf16_vs_hf_fp32_{part}"] = float((hf16 == hf32)[:, cols].mean())
+    report("top1", result)
+    assert decisive.mean() > 0.5, result
+    assert result["kvport_vs_hf_bf16_decisive"] >= 0.99, result
+    assert result["kvport_vs_hf_fp32"] >= result["hf_bf16_vs_hf_fp32"] - 0.01, result
 
 
 def test_platform_defaults_and_memory_sizing(llama_dir):

@@ -43,7 +43,7 @@ def make_case(args):
                          head_size=args.head_size, block_size=args.block_size,
                          dtype=args.dtype, scale=args.head_size ** -0.5)
     dtype = DTYPES[args.dtype]
-    blocks_per_seq = -(-args.context // args.block_size)
+    blocks_per_seq = -(-2 * args.context // args.block_size)
     num_blocks = args.batch * blocks_per_seq + 1
     gen = torch.Generator(device="cuda").manual_seed(0)
     cache = torch.randn(2, num_blocks, args.block_size, args.kv_heads, args.head_size,
@@ -52,10 +52,16 @@ def make_case(args):
              [: args.batch * blocks_per_seq]).view(args.batch, blocks_per_seq).int()
     query = torch.randn(args.batch, args.heads, args.head_size, device="cuda",
                         generator=gen).to(dtype)
-    seq_lens = torch.full((args.batch,), args.context, dtype=torch.int32, device="cuda")
+    # contexts uniform in context x [1 - spread, 1 + spread] (W1's decode batches are ragged)
+    low = max(1, round(args.context * (1 - args.spread)))
+    seq_lens = torch.randint(low, args.context + (args.context - low) + 1, (args.batch,),
+                             device="cuda", generator=gen, dtype=torch.int32)
+    if args.spread == 0:
+        seq_lens.fill_(args.context)
+    seq_lens.clamp_(max=blocks_per_seq * args.block_size)
     slots = torch.full((args.batch,), -1, dtype=torch.int32, device="cuda")
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    kv_bytes = 2 * args.batch * args.context * args.kv_heads * args.head_size * itemsize
+    kv_bytes = 2 * int(seq_lens.sum()) * args.kv_heads * args.head_size * itemsize
     io_bytes = 2 * args.batch * args.heads * args.head_size * itemsize
     return spec, cache, table, query, seq_lens, slots, kv_bytes + io_bytes
 
@@ -112,6 +118,9 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--spread", type=float, default=0.0,
+                   help="contexts uniform in context x [1 - spread, 1 + spread]")
+    p.add_argument("--no-prefill", action="store_true", help="skip the prefill rate")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--sweep", action="store_true", help="also time other launch settings")
     p.add_argument("--json", default=None, help="write the results here")
@@ -125,7 +134,8 @@ def main() -> int:
     def record(label, launch, splits):
         ms, used = time_decode(spec, launch, splits, cache, table, query, seq_lens, slots)
         bw = nbytes / (ms * 1e-3)
-        row = {"label": label, "block_n": launch.decode_block_n, "warps": launch.decode_warps,
+        row = {"label": label, "block_n": launch.block_n(spec.head_size, decode=True),
+               "warps": launch.decode_warps,
                "stages": launch.decode_stages, "splits": used, "ms": ms, "GBps": bw / 1e9,
                "of_copy": bw / copy_bw}
         result["runs"].append(row)
@@ -137,10 +147,11 @@ def main() -> int:
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s; decode reads {nbytes / 1e9:.3f} GB",
           flush=True)
     default = record("default", TritonPagedAttentionBackend.launch, None)
+
     if args.sweep:
         base = TritonLaunchConfig()
         for block_n, warps, stages, splits in itertools.product(
-                (32, 64, 128), (4, 8), (2, 3, 4), (1, 2, 4)):
+                (32, 64, 128), (2, 4, 8), (2, 3, 4), (1, 2)):
             launch = dataclasses.replace(base, decode_block_n=block_n, decode_warps=warps,
                                          decode_stages=stages)
             try:
@@ -148,7 +159,12 @@ def main() -> int:
             except Exception as exc:       # e.g. out of shared memory: report and go on
                 print(f"   sweep block_n {block_n} warps {warps} stages {stages} splits "
                       f"{splits}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-    for head_size, heads in ((64, 32), (args.head_size, args.heads)):
+    if args.spread:
+        # The same batch with the longest contexts first: how much the ragged tail costs.
+        order = torch.argsort(seq_lens, descending=True)
+        seq_lens, table = seq_lens[order].contiguous(), table[order].contiguous()
+        record("longest", TritonPagedAttentionBackend.launch, None)
+    for head_size, heads in () if args.no_prefill else ((64, 32), (args.head_size, args.heads)):
         shape = argparse.Namespace(**(vars(args) | {"head_size": head_size, "heads": heads}))
         rate = prefill_rate(shape)
         result.setdefault("prefill", []).append(rate | {"head_size": head_size})

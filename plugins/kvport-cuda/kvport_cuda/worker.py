@@ -9,6 +9,7 @@ import torch
 from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend
 from kvport.torch_worker.model_runner import TorchModelRunner
 from kvport.torch_worker.worker import TorchWorker
+from kvport_cuda.fused_norm import fuse_rms_norms
 from kvport_cuda.graphs import default_batch_sizes
 from kvport_cuda.memory import MemoryProfile, profile_memory
 from kvport_cuda.model_runner import CudaModelRunner
@@ -27,6 +28,12 @@ class CudaWorker(TorchWorker):
     def init_device(self) -> None:
         torch.cuda.set_device(self.platform.device_index)
         super().init_device()
+
+    def load_model(self) -> None:
+        super().load_model()
+        fused = fuse_rms_norms(self.model)
+        logger.info("fused %d RMSNorm layers (with their residual adds) into Triton kernels",
+                    fused)
 
     def determine_available_kv_blocks(self) -> int:
         """`kv_cache_memory` when set; else gpu_memory_utilization x the GPU's memory, less
