@@ -87,21 +87,13 @@ def run_build(args) -> int:
 
 
 def run_w1(args) -> int:
+    """W1 through the JAX worker. Progress is printed as it happens (so a run cut short still
+    says where its time went), and --deadline stops the timed run early, reporting the tokens
+    generated so far."""
     import jax
 
     from kvport import LLM, SamplingParams
     from kvport.bench.prompts import random_token_requests
-    start = time.perf_counter()
-    llm = LLM(args.dir, device="xla", dtype="bfloat16", max_model_len=2048,
-              max_num_seqs=256, max_num_batched_tokens=2048)
-    runner = llm.engine.worker.runner
-    result = {"device": str(jax.devices()[0]), "jax": jax.__version__,
-              "num_blocks": llm.engine.num_blocks,
-              "startup_s (load + precompiled decode shapes)": time.perf_counter() - start,
-              "precompiled_decode_shapes": len(runner.compile_log.step_shapes)}
-    requests = random_token_requests(args.num_prompts, (100, 1024), (100, 1024), seed=0)
-    llm.generate([requests[0][0]], SamplingParams(max_tokens=4, temperature=0,
-                                                  ignore_eos=True), use_tqdm=False)
     compiles: list[float] = []
 
     def listener(event, duration, **_):
@@ -109,19 +101,46 @@ def run_w1(args) -> int:
             compiles.append(duration)
     jax.monitoring.register_event_duration_secs_listener(listener)
     start = time.perf_counter()
-    outputs = llm.generate([p for p, _ in requests],
-                           [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-                            for _, n in requests], use_tqdm=False)
+    llm = LLM(args.dir, device="xla", dtype="bfloat16", max_model_len=2048,
+              max_num_seqs=256, max_num_batched_tokens=2048)
+    engine, runner = llm.engine, llm.engine.worker.runner
+    result = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+              "num_blocks": engine.num_blocks,
+              "startup_s (load + precompiled decode shapes)": time.perf_counter() - start,
+              "precompiled_decode_shapes": len(runner.compile_log.step_shapes),
+              "compile_s_at_startup": sum(compiles)}
+    print(json.dumps(result), flush=True)
+    requests = random_token_requests(args.num_prompts, (100, 1024), (100, 1024), seed=0)
+    llm.generate([requests[0][0]], SamplingParams(max_tokens=4, temperature=0,
+                                                  ignore_eos=True), use_tqdm=False)
+    compiles.clear()
+    tokens_before = engine.stats.num_generation_tokens
+    start = time.perf_counter()
+    for prompt, n in requests:
+        engine.add_request(None, prompt, SamplingParams(max_tokens=n, temperature=0,
+                                                        ignore_eos=True))
+    steps, complete = 0, True
+    while engine.has_unfinished_requests():
+        engine.step()
+        steps += 1
+        if steps % 100 == 0:
+            print(f"step {steps}: {time.perf_counter() - start:.1f} s, "
+                  f"{engine.stats.num_generation_tokens - tokens_before} tokens, "
+                  f"{len(compiles)} compiles "
+                  f"({sum(compiles):.1f} s)", flush=True)
+        if args.deadline and time.perf_counter() - start > args.deadline:
+            complete = False
+            break
     elapsed = time.perf_counter() - start
-    generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    generated = engine.stats.num_generation_tokens - tokens_before
     result.update({
-        "num_requests": len(requests), "elapsed_s": elapsed, "output_tokens": generated,
-        "output_throughput": generated / elapsed,
+        "num_requests": len(requests), "complete": complete, "elapsed_s": elapsed,
+        "output_tokens": generated, "output_throughput": generated / elapsed,
         "compiles_during_run": len(compiles), "compile_s_during_run": sum(compiles),
         "output_throughput_without_compiles": generated / (elapsed - sum(compiles)),
         "step_shapes_compiled_total": len(runner.compile_log.step_shapes),
         "sampler_variants": len(runner.compile_log.sampler_keys),
-        "shape_bound": runner.buckets.max_shapes(), "steps": llm.engine.stats.num_steps})
+        "shape_bound": runner.buckets.max_shapes(), "steps": steps})
     write_json(args.json, result)
     return 0
 
@@ -140,6 +159,8 @@ def main() -> int:
     w1 = commands.add_parser("w1")
     w1.add_argument("dir")
     w1.add_argument("--num-prompts", type=int, default=256)
+    w1.add_argument("--deadline", type=float, default=None,
+                    help="stop the timed run after this many seconds (partial figures)")
     w1.add_argument("--json")
     w1.set_defaults(func=run_w1)
     args = parser.parse_args()

@@ -18,7 +18,7 @@ $PY -c "import jax, kvport_tpu; print('jax', jax.__version__, jax.devices())" ||
 bench=plugins/kvport-tpu/bench/gpu_check.py
 echo "=== parity"; timeout 75 $PY $bench parity --json "$OUT/parity.json" 2>&1 | tail -25
 echo "=== build"; timeout 45 $PY $bench build /tmp/kvport-llama1b 2>&1 | tail -5
-echo "=== w1 xla"; timeout 110 $PY $bench w1 /tmp/kvport-llama1b --num-prompts "$N" \
+echo "=== w1 xla"; timeout 110 $PY $bench w1 /tmp/kvport-llama1b --num-prompts "$N" --deadline 60 \
     --json "$OUT/w1_xla.json" 2>&1 | tail -40
 echo "=== w1 cuda"; timeout 60 $PY -m kvport.api.cli bench throughput --model /tmp/kvport-llama1b \
     --device cuda --dtype bfloat16 --random-tokens --num-prompts "$N" --max-model-len 2048 \
