@@ -2,9 +2,10 @@
 SmolLM2-135M-Instruct GGUF, through kvport-tpu's JAX worker on JAX's CPU backend.
 
 Eight of tests/test_smollm2_parity.py's prompts (4 raw, 4 chat), 64 new tokens, run
-together, and again with a KV cache so small that preemption happens. The weights are read
-by kvport's torch-free GGUF reader. The transformers reference is computed here, one prompt at
-a time as in the torch parity test, for these eight prompts only (it dominates the run time).
+together. The weights are read by kvport's torch-free GGUF reader. The transformers reference
+is computed here, one prompt at a time as in the torch parity test, for these eight prompts
+only (it dominates the run time). Preemption, chunking and prefix caching through the JAX
+worker are checked on tiny models (tests/test_jax_engine.py), which is cheaper in CI.
 """
 import os
 
@@ -61,12 +62,6 @@ def test_eight_prompts_together(llm, prompts, reference):
     pool = llm.engine.kv_cache.pool
     assert pool.num_free_blocks == pool.num_blocks
     assert llm.engine.worker.runner.compile_log.total <= 8
-
-
-def test_preemption(smollm2_path, prompts, reference):
-    llm = LLM(smollm2_path, device="xla", dtype="float32", max_model_len=256, num_blocks=16)
-    assert token_ids(llm.generate(prompts, params(), use_tqdm=False)) == reference
-    assert llm.engine.scheduler.num_preemptions > 0, "the KV cache was meant to run out"
 
 
 def test_text_matches_the_known_answer(llm, prompts):
