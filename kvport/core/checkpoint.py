@@ -66,7 +66,9 @@ def safetensors_files(directory: str) -> list[str]:
     files = sorted(os.path.join(directory, n) for n in os.listdir(directory)
                    if n.endswith(".safetensors"))
     if not files:
-        raise CheckpointError(f"no *.safetensors weights in {directory}")
+        others = sorted(n for n in os.listdir(directory) if n.endswith((".bin", ".pt", ".pth")))
+        hint = f" (found {', '.join(others)}: convert them to safetensors)" if others else ""
+        raise CheckpointError(f"no *.safetensors weights in {directory}{hint}")
     return files
 
 

@@ -1,8 +1,9 @@
 """Rotary position embedding parameters and inverse frequencies, numpy only.
 
-The torch models keep their own copy in kvport/models/layers.py; this one serves workers that
-are not torch (JAX). Both compute what transformers computes, in float32, so they agree with
-it (and each other) bit for bit on the frequencies.
+Every worker reads rope parameters through `parse_rope_config`. The torch models compute the
+frequencies in torch (kvport/models/layers.py); `rope_inv_freq` here serves workers that are
+not torch (JAX). Both compute what transformers computes, in float32, so they agree with it
+(and each other) bit for bit.
 """
 from __future__ import annotations
 

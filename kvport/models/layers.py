@@ -6,15 +6,15 @@ per-head tensors [T, heads, head_size]; there is no batch dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-DEFAULT_ROPE_THETA = 10000.0
+# Rope parameters are read by the framework-free core (shared with the JAX worker); the
+# frequencies are computed here in torch, exactly as transformers computes them.
+from kvport.core.rope import RopeConfig, parse_rope_config  # noqa: F401  (re-exported)
+
 
 
 class RMSNorm(nn.Module):
@@ -48,53 +48,6 @@ class RMSNorm(nn.Module):
 # --------------------------------------------------------------------------------------------
 # Rotary position embedding
 # --------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RopeConfig:
-    """The rotary parameters of a model, whichever transformers version wrote its config."""
-    rope_type: str = "default"
-    theta: float = DEFAULT_ROPE_THETA
-    factor: float = 1.0                       # linear, llama3
-    low_freq_factor: float = 1.0              # llama3
-    high_freq_factor: float = 4.0             # llama3
-    original_max_position_embeddings: int | None = None   # llama3
-
-
-def parse_rope_config(hf_config: dict[str, Any]) -> RopeConfig:
-    """Read rope settings from an HF-style config dict.
-
-    transformers 4.x writes `rope_theta` plus an optional `rope_scaling` dict (with `type` or
-    `rope_type`); 5.x writes one `rope_parameters` dict holding `rope_type`, `rope_theta` and
-    the scaling values. Raises ValueError for rope types this engine does not implement.
-    """
-    params = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    if not isinstance(params, dict):
-        raise ValueError(f"rope parameters must be a dict, got {params!r}")
-    if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError("per-layer-type rope parameters "
-                         f"({', '.join(params)}) are not supported by this model family")
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"unsupported rope type {rope_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_ROPE_TYPES)}")
-    partial = params.get("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
-    if partial not in (None, 1, 1.0):
-        raise ValueError(f"partial_rotary_factor {partial} is not supported (only 1.0)")
-    theta = params.get("rope_theta") or hf_config.get("rope_theta") or DEFAULT_ROPE_THETA
-    if rope_type == "default":
-        return RopeConfig(theta=float(theta))
-    if "factor" not in params:
-        raise ValueError(f"rope type {rope_type!r} needs a 'factor' in the rope parameters")
-    if rope_type == "linear":
-        return RopeConfig("linear", float(theta), factor=float(params["factor"]))
-    original = (params.get("original_max_position_embeddings")
-                or hf_config.get("original_max_position_embeddings")
-                or hf_config.get("max_position_embeddings"))
-    return RopeConfig("llama3", float(theta), factor=float(params["factor"]),
-                      low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-                      high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-                      original_max_position_embeddings=int(original))
-
 
 def rope_inv_freq(rope: RopeConfig, head_size: int, device=None) -> torch.Tensor:
     """[head_size // 2] float32 inverse frequencies, computed as transformers computes them."""

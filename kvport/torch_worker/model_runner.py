@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
+from kvport.core.worker_state import scheduled_states, update_request_states
 from kvport.torch_worker.input_batch import build_step_inputs
 from kvport.torch_worker.request_state import RequestState
 from kvport.torch_worker.sampler import Sampler, SamplingMetadata
@@ -29,19 +30,10 @@ class TorchModelRunner:
 
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Drop freed requests, add new ones, extend block tables of the others."""
-        for req_id in scheduler_output.freed_req_ids:
-            self.states.pop(req_id, None)
-        for new in scheduler_output.new_requests:
-            self.states[new.req_id] = RequestState(
-                req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
-                output_token_ids=list(new.output_token_ids),
-                sampling_params=new.sampling_params, block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens,
-                generator=self._generator(new.sample_seed))
-        for cached in scheduler_output.cached_requests:
-            state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+        update_request_states(self.states, scheduler_output, self._new_state)
+
+    def _new_state(self, new) -> RequestState:
+        return RequestState.from_new_request(new, generator=self._generator(new.sample_seed))
 
     def _generator(self, seed: int | None) -> torch.Generator | None:
         if seed is None:
@@ -53,9 +45,7 @@ class TorchModelRunner:
         self.update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        states = [self.states[r] for r in req_ids]
-        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        req_ids, states, counts = scheduled_states(self.states, scheduler_output)
         inputs = build_step_inputs(states, counts, self.block_size)
         attn_metadata = self.attn_backend.build_metadata(inputs.attention, self.device)
         hidden = self.model(torch.from_numpy(inputs.input_ids).to(self.device),

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from kvport.core.host_memory import available_memory_bytes, total_memory_bytes  # noqa: F401
+
 
 def usable_cores() -> int:
     """Cores this process may run on (affinity and cgroup-limited sets included)."""
@@ -10,29 +12,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
-
-
-def _meminfo_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def total_memory_bytes() -> int:
-    total = _meminfo_bytes("MemTotal")
-    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def available_memory_bytes() -> int:
-    available = _meminfo_bytes("MemAvailable")
-    if available is not None:
-        return available
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def cpu_flags() -> set[str]:

@@ -2,12 +2,11 @@
 cores this process may use."""
 from __future__ import annotations
 
+from kvport.core import host_memory
 from kvport.core.config import EngineConfig
 from kvport.platforms.interface import Platform
 from kvport_cpu import cpu_info
 
-# With no --kv-cache-memory: this much, but never more than a quarter of free memory.
-DEFAULT_KV_CACHE_BYTES = 4 * 2**30
 
 
 class CpuPlatform(Platform):
@@ -50,4 +49,4 @@ class CpuPlatform(Platform):
             config.device.num_threads = cpu_info.usable_cores()
 
     def default_kv_cache_bytes(self) -> int:
-        return min(DEFAULT_KV_CACHE_BYTES, self.free_memory_bytes() // 4)
+        return host_memory.default_kv_cache_bytes()

@@ -20,6 +20,7 @@ import torch
 
 from kvport.attention_backends.triton_paged import TritonPagedMetadata
 from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
+from kvport.core.worker_state import scheduled_states
 from kvport.torch_worker.model_runner import TorchModelRunner
 from kvport.torch_worker.sampler import SamplingMetadata
 from kvport_cuda.block_tables import DeviceBlockTables
@@ -65,9 +66,7 @@ class CudaModelRunner(TorchModelRunner):
         self.update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        states = [self.states[r] for r in req_ids]
-        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        req_ids, states, counts = scheduled_states(self.states, scheduler_output)
         batch = build_host_batch(states, counts, self.block_size)
         if batch.decode_only and self.graphs is not None and self.graphs.bucket(len(states)):
             hidden = self.graphs.run(batch, req_ids, self.tables)

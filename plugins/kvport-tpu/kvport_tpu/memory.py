@@ -8,32 +8,7 @@ in the CPU plugin.
 """
 from __future__ import annotations
 
-import os
-
-CPU_DEFAULT_KV_CACHE_BYTES = 4 * 2**30
-
-
-def _meminfo_bytes(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def host_total_bytes() -> int:
-    total = _meminfo_bytes("MemTotal")
-    return total if total is not None else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def host_available_bytes() -> int:
-    available = _meminfo_bytes("MemAvailable")
-    if available is not None:
-        return available
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+from kvport.core import host_memory
 
 
 def device_stats(device) -> dict | None:
@@ -47,14 +22,14 @@ def device_stats(device) -> dict | None:
 
 def total_bytes(device) -> int:
     stats = device_stats(device)
-    return int(stats["bytes_limit"]) if stats else host_total_bytes()
+    return int(stats["bytes_limit"]) if stats else host_memory.total_memory_bytes()
 
 
 def free_bytes(device) -> int:
     stats = device_stats(device)
     if stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return host_available_bytes()
+    return host_memory.available_memory_bytes()
 
 
 def kv_cache_budget(device, utilization: float, reserve_bytes: int) -> int:
@@ -62,6 +37,6 @@ def kv_cache_budget(device, utilization: float, reserve_bytes: int) -> int:
     (the weights) and `reserve_bytes` for a step's activations; CPU: the fallback above."""
     stats = device_stats(device)
     if not stats:
-        return min(CPU_DEFAULT_KV_CACHE_BYTES, host_available_bytes() // 4)
+        return host_memory.default_kv_cache_bytes()
     limit = int(stats["bytes_limit"]) * utilization
     return max(int(limit) - int(stats.get("bytes_in_use", 0)) - reserve_bytes, 0)

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvport.attention_backends.interface import CommonAttentionMetadata
 from kvport.core.worker import ModelRunnerOutput, SampledLogprobs, SchedulerOutput
+from kvport.core.worker_state import scheduled_states, update_request_states
 from kvport_tpu.attention.ragged import ragged_attention
 from kvport_tpu.buckets import ShapeBuckets, StepShape
 from kvport_tpu.request_state import RequestState
@@ -76,18 +77,7 @@ class JaxModelRunner:
     # ---------------------------------------------------------------------------- state
     def update_states(self, scheduler_output: SchedulerOutput) -> None:
         """Drop freed requests, add new ones, extend block tables of the others."""
-        for req_id in scheduler_output.freed_req_ids:
-            self.states.pop(req_id, None)
-        for new in scheduler_output.new_requests:
-            self.states[new.req_id] = RequestState(
-                req_id=new.req_id, prompt_token_ids=list(new.prompt_token_ids),
-                output_token_ids=list(new.output_token_ids),
-                sampling_params=new.sampling_params, block_ids=list(new.block_ids),
-                num_computed_tokens=new.num_computed_tokens, seed=new.sample_seed)
-        for cached in scheduler_output.cached_requests:
-            state = self.states[cached.req_id]
-            state.block_ids.extend(cached.new_block_ids)
-            state.num_computed_tokens = cached.num_computed_tokens
+        update_request_states(self.states, scheduler_output, RequestState.from_new_request)
 
     # ----------------------------------------------------------------------------- step
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -95,9 +85,7 @@ class JaxModelRunner:
         self.update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput()
-        req_ids = list(scheduler_output.num_scheduled_tokens)
-        states = [self.states[r] for r in req_ids]
-        counts = [scheduler_output.num_scheduled_tokens[r] for r in req_ids]
+        _, states, counts = scheduled_states(self.states, scheduler_output)
         inputs = build_step_inputs(states, counts, self.block_size, self.buckets)
         logits = self.run_model(inputs.shape, inputs.input_ids, inputs.positions,
                                 self.attn_backend.build_metadata(inputs.attention,
