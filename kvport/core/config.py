@@ -124,6 +124,34 @@ class DeviceConfig:
             raise ConfigError(f"num_threads must be >= 1, got {self.num_threads}")
 
 
+DISTRIBUTED_EXECUTORS = ("mp", "ray")
+
+
+@dataclass
+class ParallelConfig:
+    """How many devices and engines serve the model.
+
+    tensor_parallel_size: devices that each hold a shard of every layer (one worker process per
+    device, collectives through the Platform's distributed backend).
+    data_parallel_size: independent engine replicas behind one front end.
+    distributed_executor: what starts them, "mp" (local processes) or "ray" (Ray actors).
+    """
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor: str = "mp"
+
+    def validate(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be >= 1, "
+                              f"got {self.tensor_parallel_size}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.distributed_executor not in DISTRIBUTED_EXECUTORS:
+            raise ConfigError("distributed_executor must be one of "
+                              f"{', '.join(DISTRIBUTED_EXECUTORS)}, "
+                              f"got {self.distributed_executor!r}")
+
+
 @dataclass
 class EngineConfig:
     """The root of the tree. Call `validate()` after building; the Platform may then adjust it."""
@@ -131,19 +159,22 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> "EngineConfig":
         self.model.validate()
         self.cache.validate()
         self.scheduler.validate()
         self.device.validate()
+        self.parallel.validate()
         return self
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments (`LLM(...)`, CLI); unknown names raise ConfigError."""
         sections = {"model": ModelConfig, "cache": CacheConfig,
-                    "scheduler": SchedulerConfig, "device": DeviceConfig}
+                    "scheduler": SchedulerConfig, "device": DeviceConfig,
+                    "parallel": ParallelConfig}
         parts: dict[str, dict] = {name: {} for name in sections}
         for key, value in kwargs.items():
             owner = next((name for name, klass in sections.items()
