@@ -29,4 +29,7 @@ if [ -n "$extras" ]; then
     $PIP install -q --disable-pip-version-check --no-deps "triton==${KVPORT_TRITON_VERSION:-3.9.0}"
     $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-cuda \
         -e plugins/kvport-rocm
+    # kvport-gaudi: detection and selection against a faked habana_frameworks, its attention
+    # on the CPU through the conformance kit (no Gaudi here; docs/platforms.md).
+    $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-gaudi
 fi

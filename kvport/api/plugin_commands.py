@@ -1,7 +1,8 @@
 """The plugin commands of `kvport`:
 
     kvport plugins [--json]                       what is installed, available, and why not
-    kvport plugins test NAME [--full-grid] [--backend B] [--pytest-args ARGS]
+    kvport plugins test NAME [--full-grid] [--backend B] [--foreign-backend F]
+                             [--pytest-args ARGS]
                                                   the conformance kit against platform NAME
     kvport plugin new NAME [--dir D]              a ready plugin package to start from
 """
@@ -31,6 +32,11 @@ def register_plugin_commands(commands) -> None:
                       help="sweep every head size, GQA ratio, block size and dtype (slow)")
     test.add_argument("--backend", action="append", default=[],
                       help="check only this attention backend (repeatable)")
+    test.add_argument("--foreign-backend", action="append", default=[], metavar="BACKEND",
+                      help="check this attention backend, registered for another device, on "
+                           "NAME's torch device (repeatable; e.g. `kvport plugins test cpu "
+                           "--foreign-backend hpu_flat` proves kvport-gaudi's torch code on "
+                           "the CPU); without --backend only the foreign ones are checked")
     test.add_argument("--seed", type=int, help="reuse the seed a failure report names")
     test.add_argument("--pytest-args", default="", metavar="ARGS",
                       help="more arguments for pytest, in one string: --pytest-args='-x -k "
@@ -69,7 +75,7 @@ def run_plugins_test(args: argparse.Namespace) -> int:
     if args.seed is not None:
         extra += ["--kvport-seed", str(args.seed)]
     return run_kit(args.name, full_grid=args.full_grid, backends=tuple(args.backend),
-                   pytest_args=tuple(extra))
+                   foreign_backends=tuple(args.foreign_backend), pytest_args=tuple(extra))
 
 
 def run_plugin_new(args: argparse.Namespace) -> int:

@@ -20,8 +20,9 @@ __all__ = ["run_kit"]
 
 
 def run_kit(device: str, *, full_grid: bool = False, backends: tuple[str, ...] = (),
-            pytest_args: tuple[str, ...] = ()) -> int:
-    """Run the kit against `device` in this process; returns pytest's exit code."""
+            foreign_backends: tuple[str, ...] = (), pytest_args: tuple[str, ...] = ()) -> int:
+    """Run the kit against `device` in this process; returns pytest's exit code.
+    `foreign_backends` are lent to the device (kvport/testing/foreign.py)."""
     import pytest
 
     from kvport.testing.pytest_plugin import SUITE_PATH
@@ -35,4 +36,6 @@ def run_kit(device: str, *, full_grid: bool = False, backends: tuple[str, ...] =
         args.append("--kvport-full-grid")
     for name in backends:
         args += ["--kvport-backend", name]
+    for name in foreign_backends:
+        args += ["--kvport-foreign-backend", name]
     return int(pytest.main(args + list(pytest_args)))

@@ -19,7 +19,8 @@ UNRESOLVED = "<device not checkable>"
 def kit_target(request) -> KitTarget:
     """The platform under test; fails (with the registry's reason) when it cannot run here."""
     options = kit_options(request.config, request.module)
-    return resolve_target(request.config, options.device).require()
+    return resolve_target(request.config, options.device,
+                          options.foreign_backends).require()
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not wanted:
         return
     options = kit_options(metafunc.config, metafunc.module)
-    target = resolve_target(metafunc.config, options.device)
+    target = resolve_target(metafunc.config, options.device, options.foreign_backends)
     if target.error is not None:
         for name in wanted:   # the target fixture reports why
             metafunc.parametrize(name, [UNRESOLVED], ids=["no-device"])
         return
-    backends = _backends(target, options.backends)
+    backends = _backends(target, options.backends, options.foreign_backends)
     if "kit_backend" in wanted:
         metafunc.parametrize("kit_backend", [_param(reg, target, reg.name) for reg in backends])
     if "kit_attention_case" in wanted:
@@ -79,8 +80,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("kit_attention_case", params)
 
 
-def _backends(target: KitTarget, names: tuple[str, ...]) -> list:
+def _backends(target: KitTarget, names: tuple[str, ...], foreign: tuple[str, ...] = ()) -> list:
+    """The backends to check: those named (default: all of the device's), plus the foreign
+    ones; with foreign ones and no names, only the foreign ones."""
     registered = target.attention_backends()
+    if foreign:
+        names = tuple(dict.fromkeys(names + foreign))
     if not names:
         return [reg for reg in registered if reg.name != "torch_reference"] or registered
     unknown = sorted(set(names) - {reg.name for reg in registered})

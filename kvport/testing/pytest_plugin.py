@@ -34,6 +34,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kvport-backend", metavar="NAME", action="append", default=[],
                     help="check only this attention backend (repeatable; default: every "
                          "backend registered for the device)")
+    group.addoption("--kvport-foreign-backend", metavar="NAME", action="append", default=[],
+                    help="also check this attention backend, registered for another device, "
+                         "on the device under test (repeatable): proves a backend's torch "
+                         "code, e.g. on the CPU, before its own hardware is reachable; with "
+                         "no --kvport-backend, only the foreign backends are checked")
     group.addoption("--kvport-seed", metavar="N", type=int, default=None,
                     help="seed of the kit's random inputs (default: fresh each run; a "
                          "failure report names the seed to reproduce it)")
@@ -53,5 +58,7 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
         return None
     from kvport.testing.target import kit_options
     options = kit_options(config)
+    foreign = (f", foreign backends {', '.join(options.foreign_backends)}"
+               if options.foreign_backends else "")
     return [f"kvport conformance kit: device {options.device}, seed {options.seed}"
-            f"{', full grid' if options.full_grid else ''}"]
+            f"{', full grid' if options.full_grid else ''}{foreign}"]

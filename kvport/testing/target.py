@@ -24,6 +24,7 @@ class KitOptions:
     full_grid: bool
     backends: tuple[str, ...]
     seed: int
+    foreign_backends: tuple[str, ...] = ()   # see kvport/testing/foreign.py
 
 
 @dataclass
@@ -85,14 +86,19 @@ def framework_mismatch(target: KitTarget) -> str:
 
 
 def kit_options(config: pytest.Config, module: Any = None) -> KitOptions:
-    """Options from the command line; the device falls back to the module's KVPORT_DEVICE."""
+    """Options from the command line; the device falls back to the module's KVPORT_DEVICE,
+    the foreign backends to its KVPORT_FOREIGN_BACKENDS."""
+    from kvport.testing.foreign import MODULE_FOREIGN_BACKENDS
+
     device = config.getoption("kvport_device", None) or getattr(module, MODULE_DEVICE, None)
+    foreign = (config.getoption("kvport_foreign_backend", None)
+               or getattr(module, MODULE_FOREIGN_BACKENDS, None) or ())
     seed = config.getoption("kvport_seed", None)
     if seed is None:
         seed = _run_seed(config)
     return KitOptions(device=device, full_grid=bool(config.getoption("kvport_full_grid", False)),
                       backends=tuple(config.getoption("kvport_backend", None) or ()),
-                      seed=int(seed))
+                      seed=int(seed), foreign_backends=tuple(foreign))
 
 
 def _run_seed(config: pytest.Config) -> int:
@@ -103,24 +109,29 @@ def _run_seed(config: pytest.Config) -> int:
     return targets["seed"]
 
 
-def resolve_target(config: pytest.Config, device: str | None) -> KitTarget:
-    """The KitTarget for `device`, resolved once per run."""
+def resolve_target(config: pytest.Config, device: str | None,
+                   foreign: tuple[str, ...] = ()) -> KitTarget:
+    """The KitTarget for `device` (with `foreign` backends lent to it), resolved once per run."""
     targets = config.stash.setdefault(_TARGETS, {})
-    key = ("target", device)
+    key = ("target", device, tuple(foreign))
     if key not in targets:
-        targets[key] = _resolve(device)
+        targets[key] = _resolve(device, tuple(foreign))
     return targets[key]
 
 
-def _resolve(device: str | None) -> KitTarget:
+def _resolve(device: str | None, foreign: tuple[str, ...] = ()) -> KitTarget:
     if not device:
         return KitTarget(device="", error=(
             "no device to check: run `pytest --kvport-device NAME` / `kvport plugins test "
             f"NAME`, or set {MODULE_DEVICE} = \"NAME\" in the module that imports the kit"))
     from kvport.platforms import PluginRegistry
+    from kvport.testing.foreign import ForeignBackendRegistry
 
-    target = KitTarget(device=device, registry=PluginRegistry())
+    registry = ForeignBackendRegistry(foreign) if foreign else PluginRegistry()
+    target = KitTarget(device=device, registry=registry)
     try:
+        if foreign:
+            registry.check_foreign()
         target.registration = target.registry.select_registration(device)
         target.platform = target.registry.select_platform(target.registration.name)
     except Exception as exc:   # selection errors already say what to do
