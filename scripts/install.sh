@@ -29,7 +29,12 @@ if [ -n "$extras" ]; then
     $PIP install -q --disable-pip-version-check --no-deps "triton==${KVPORT_TRITON_VERSION:-3.9.0}"
     $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-cuda \
         -e plugins/kvport-rocm
-    # kvport-gaudi: detection and selection against a faked habana_frameworks, its attention
-    # on the CPU through the conformance kit (no Gaudi here; docs/platforms.md).
-    $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-gaudi
+    # kvport-gaudi, kvport-mps: detection and selection against faked device libraries, their
+    # attention on the CPU through the conformance kit (no such hardware here; see
+    # docs/platforms.md).
+    $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-gaudi \
+        -e plugins/kvport-mps
+    # Replicas as Ray actors (--distributed-executor ray), tested on a local Ray instance.
+    # Plain `ray` (no [default]: no dashboard), pinned as the `kvport[ray]` extra; no torch.
+    $PIP install -q --disable-pip-version-check "ray==2.60.0"
 fi

@@ -43,7 +43,7 @@ class ServerSettings:
 
 
 def build_app(engine, tokenizer, settings: ServerSettings | None = None) -> FastAPI:
-    """The app for a started AsyncLLMEngine and the model's tokenizer."""
+    """The app for a started engine client (kvport.core.engine_client) and the tokenizer."""
     settings = dataclasses.replace(
         settings or ServerSettings(),
         served_model_name=(settings and settings.served_model_name) or engine.info.model_name,
@@ -166,10 +166,14 @@ def _tokenizer_routes(router: APIRouter, serving: CompletionServing) -> None:
 def _ops_routes(app: FastAPI, engine, metrics: ServerMetrics) -> None:
     @app.get("/health")
     async def health() -> Response:
+        """200 while requests can be served ("degraded" when some replicas have failed)."""
         if not engine.is_alive:
             raise APIError(503, f"the engine is not running: {engine.dead_reason or 'stopped'}",
                            code="engine_dead")
-        return Response(status_code=200)
+        replicas = engine.replica_status()
+        status = "ok" if all(replica.alive for replica in replicas) else "degraded"
+        return JSONResponse({"status": status,
+                             "replicas": [dataclasses.asdict(r) for r in replicas]})
 
     @app.get("/version")
     async def version() -> JSONResponse:

@@ -17,6 +17,12 @@ ENGINE_OPTIONS = {
     "num_threads": "num_threads", "enforce_eager": "enforce_eager", "seed": "seed",
     "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
+    # serve only (add_replica_arguments)
+    "data_parallel_size": "data_parallel_size", "distributed_executor": "distributed_executor",
+    "ray_address": "ray_address", "ray_gpus_per_replica": "ray_gpus_per_replica",
+    "prefix_affinity_slack": "prefix_affinity_slack",
+    "replica_health_check_interval": "replica_health_check_interval",
+    "replica_health_check_timeout": "replica_health_check_timeout",
 }
 
 
@@ -59,6 +65,32 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--served-model-name", help="model id clients use (default: the file name)")
 
 
+def add_replica_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine replicas behind one server (data parallelism through Ray): `serve` only."""
+    group = parser.add_argument_group("replicas (docs/distributed.md)")
+    group.add_argument("--data-parallel-size", "-dp", type=int,
+                       help="independent engine replicas behind this server, each with its "
+                            "own KV cache; needs --distributed-executor ray (default: 1)")
+    group.add_argument("--distributed-executor", choices=("mp", "ray"),
+                       help="what starts the engines: mp (local processes) or ray (Ray actors, "
+                            "on this machine or a Ray cluster; needs `pip install "
+                            "'kvport[ray]'`) (default: mp)")
+    group.add_argument("--ray-address",
+                       help="Ray cluster to run replicas on (as printed by `ray start "
+                            "--head`, or 'auto'); default: start a private local Ray")
+    group.add_argument("--ray-gpus-per-replica", type=float,
+                       help="GPUs Ray reserves for (and shows to) each replica (default: 0)")
+    group.add_argument("--prefix-affinity-slack", type=int,
+                       help="a prompt goes to the replica that last served its prefix unless "
+                            "that one has more than this many requests above the least loaded "
+                            "(default: 4)")
+    group.add_argument("--replica-health-check-interval", type=float,
+                       help="seconds between health checks of each replica (default: 10)")
+    group.add_argument("--replica-health-check-timeout", type=float,
+                       help="a replica that takes longer to answer one is removed "
+                            "(default: 30)")
+
+
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     kwargs = {field: getattr(args, dest) for dest, field in ENGINE_OPTIONS.items()
               if getattr(args, dest, None) is not None}
@@ -75,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a model over an OpenAI-compatible HTTP API "
                     "(/v1/chat/completions, /v1/completions, /v1/models, ...).")
     add_engine_arguments(serve)
+    add_replica_arguments(serve)
     http = serve.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")

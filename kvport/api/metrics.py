@@ -1,7 +1,9 @@
 """Prometheus metrics for /metrics, named like vLLM's with a `kvport:` prefix.
 
 Engine gauges and counters are read from the engine's latest snapshot at scrape time (the
-engine core sends one with every step), so scraping never talks to the engine. Latencies are
+engine core sends one with every step), so scraping never talks to the engine. With several
+replicas the snapshot is their sum (kvport.distributed.data_parallel.combine_snapshots), and
+the `kvport:replica_*` families break health and load down per replica. Latencies are
 measured here, in the API process, per request: what a client actually sees. Each app gets
 its own CollectorRegistry so several apps (tests) never collide in the global one.
 """
@@ -48,6 +50,30 @@ class EngineCollector:
         yield self._counter("prompt_tokens", "Prompt tokens received.", snap.num_prompt_tokens)
         yield self._counter("generation_tokens", "Tokens generated.",
                             snap.num_generation_tokens)
+        yield from self._replica_families()
+
+    def _replica_families(self):
+        """Per replica (one for a single engine): up or failed, load, requests moved away."""
+        healthy = GaugeMetricFamily("kvport:replica_healthy",
+                                    "1 while the engine replica serves, 0 once it has failed.",
+                                    labels=["model_name", "replica"])
+        outstanding = GaugeMetricFamily("kvport:replica_requests_outstanding",
+                                        "Requests assigned to the replica that have not ended.",
+                                        labels=["model_name", "replica"])
+        assigned = CounterMetricFamily("kvport:replica_requests_assigned",
+                                       "Requests the router assigned to the replica.",
+                                       labels=["model_name", "replica"])
+        rerouted = CounterMetricFamily("kvport:replica_requests_rerouted",
+                                       "Requests moved to another replica after this one "
+                                       "failed before their first token.",
+                                       labels=["model_name", "replica"])
+        for status in self.engine.replica_status():
+            labels = self.labels + [str(status.index)]
+            healthy.add_metric(labels, 1.0 if status.alive else 0.0)
+            outstanding.add_metric(labels, status.outstanding)
+            assigned.add_metric(labels, status.assigned)
+            rerouted.add_metric(labels, status.rerouted)
+        yield from (healthy, outstanding, assigned, rerouted)
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         family = GaugeMetricFamily(f"kvport:{name}", doc, labels=["model_name"])

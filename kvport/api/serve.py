@@ -20,30 +20,37 @@ def _print(message: str) -> None:
     print(f"kvport: {message}", file=sys.stderr, flush=True)
 
 
-def startup_summary(info, host: str, port: int, served_name: str, seconds: float) -> list[str]:
-    return [
+def startup_summary(info, host: str, port: int, served_name: str, seconds: float,
+                    replicas=()) -> list[str]:
+    """What the operator sees at start; `replicas` (ReplicaStatus) when there are several."""
+    kv_scope = f"per replica, {len(replicas)} replicas; " if len(replicas) > 1 else ""
+    lines = [
         f"model        {info.model_path} ({info.architecture}) as {served_name!r}",
         f"platform     {info.platform}, attention backend {info.attention_backend}, "
         f"dtype {info.dtype}" + (f", quantization {info.quantization}"
                                  if info.quantization else ""),
         f"KV cache     {info.num_blocks} blocks x {info.block_size} tokens = "
-        f"{info.token_capacity} tokens; max_model_len {info.max_model_len}",
-        f"ready in     {seconds:.1f} s",
+        f"{info.token_capacity} tokens; {kv_scope}max_model_len {info.max_model_len}",
     ]
+    if len(replicas) > 1:
+        lines += [f"replica {r.index:<4} pid {r.pid} on {r.node or 'this machine'}"
+                  for r in replicas]
+    return lines + [f"ready in     {seconds:.1f} s"]
 
 
 def serve(config: EngineConfig, host: str, port: int, api_key: str | None = None,
           shutdown_timeout: float = 30.0, log_level: str = "info") -> int:
     """Run the server until a signal; returns the process exit code."""
     from kvport.api.app import ServerSettings, build_app
-    from kvport.core.async_engine import AsyncLLMEngine, EngineStartupError
+    from kvport.core.async_engine import EngineStartupError
+    from kvport.core.engine_client import build_engine_client
     from kvport.core.model_info import resolve_model
     from kvport.core.tokenizer import load_tokenizer
 
     started = time.monotonic()
     _print("starting the engine (loading the model)...")
-    engine = AsyncLLMEngine(config)
     try:
+        engine = build_engine_client(config)
         info = engine.start()
     except EngineStartupError as exc:
         _print(f"error: the engine could not start: {exc}")
@@ -53,7 +60,8 @@ def serve(config: EngineConfig, host: str, port: int, api_key: str | None = None
         served_name = config.model.served_model_name or info.model_name
         app = build_app(engine, tokenizer, ServerSettings(served_model_name=served_name,
                                                           api_key=api_key))
-        for line in startup_summary(info, host, port, served_name, time.monotonic() - started):
+        for line in startup_summary(info, host, port, served_name, time.monotonic() - started,
+                                    engine.replica_status()):
             _print(line)
         server = _AnnouncingServer(uvicorn.Config(
             app, host=host, port=port, log_level=log_level,

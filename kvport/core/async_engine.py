@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from kvport.core.config import EngineConfig
 from kvport.core.engine import EngineOverloadedError, EngineSnapshot
+from kvport.core.engine_client import ReplicaStatus
 from kvport.core.engine_core import (AbortRequest, AddRequest, EngineInfo, Ready,
                                      RequestFailed, Shutdown, StartupFailed, StepResult,
                                      run_engine_core)
@@ -54,25 +55,20 @@ class AsyncLLMEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
+        self._shutting_down = False
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, startup_timeout: float | None = None) -> EngineInfo:
-        """Spawn the engine core and wait until its model is loaded."""
-        context = multiprocessing.get_context("spawn")
-        parent, child = context.Pipe(duplex=True)
-        self._process = context.Process(target=run_engine_core, args=(self.config, child),
-                                        name="kvport-engine-core", daemon=True)
-        self._process.start()
-        child.close()
-        self._conn = parent
+        """Start the engine core and wait until its model is loaded."""
+        self._process, self._conn = self._launch()
+        parent = self._conn
         if not parent.poll(startup_timeout):
             self._process.kill()
             raise EngineStartupError(f"the engine did not start within {startup_timeout} s")
         try:
             message = parent.recv()
         except EOFError:
-            raise EngineStartupError(f"the engine process exited during start-up "
-                                     f"(exit code {self._process.exitcode})") from None
+            raise EngineStartupError(f"{self._exit_description()} during start-up") from None
         if isinstance(message, StartupFailed):
             self._process.join(5)
             raise EngineStartupError(message.message + "\n" + message.traceback)
@@ -82,6 +78,27 @@ class AsyncLLMEngine:
         threading.Thread(target=self._receive_loop, name="kvport-engine-recv", daemon=True).start()
         return self.info
 
+    def _launch(self):
+        """Start the engine core; return (process, connection).
+
+        The process is a multiprocessing.Process or anything with its is_alive(),
+        join(timeout), kill() and exitcode; the connection carries engine_core's messages with
+        a multiprocessing Connection's send / recv / poll (EOFError once the core is gone).
+        Subclasses host the core elsewhere (kvport.distributed.ray_replica: a Ray actor).
+        """
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=True)
+        process = context.Process(target=run_engine_core, args=(self.config, child),
+                                  name="kvport-engine-core", daemon=True)
+        process.start()
+        child.close()
+        return process, parent
+
+    def _exit_description(self) -> str:
+        """Why the engine core is gone, for error messages."""
+        code = self._process.exitcode if self._process is not None else None
+        return f"the engine process exited (code {code})"
+
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         """Deliver outputs to this event loop from now on (call from the serving loop)."""
         self._loop = loop
@@ -90,6 +107,7 @@ class AsyncLLMEngine:
         """Abort everything, stop the core process, and wait for it (then kill it)."""
         if self._process is None:
             return
+        self._shutting_down = True   # the core's exit from now on is no failure to report
         if self._process.is_alive():
             self._outbox.put(Shutdown())
             self._process.join(timeout)
@@ -107,6 +125,12 @@ class AsyncLLMEngine:
     @property
     def num_in_flight(self) -> int:
         return len(self._streams)
+
+    def replica_status(self) -> list[ReplicaStatus]:
+        """One entry: this engine is its only replica."""
+        return [ReplicaStatus(index=0, alive=self.is_alive,
+                              pid=self.info.pid if self.info else None,
+                              outstanding=self.num_in_flight, reason=self.dead_reason)]
 
     # ------------------------------------------------------------------- requests
     def new_request_id(self, prefix: str = "req") -> str:
@@ -193,9 +217,8 @@ class AsyncLLMEngine:
                 stream.put_nowait(delta)
 
     def _engine_died(self) -> None:
-        code = self._process.exitcode if self._process is not None else None
-        self.dead_reason = self.dead_reason or f"the engine process exited (code {code})"
-        if self._process is not None:
+        self.dead_reason = self.dead_reason or self._exit_description()
+        if self._process is not None and not self._shutting_down:
             logger.error("%s", self.dead_reason)
         for stream in self._streams.values():
             stream.put_nowait(EngineDeadError(self.dead_reason))

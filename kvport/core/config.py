@@ -135,10 +135,24 @@ class ParallelConfig:
     device, collectives through the Platform's distributed backend).
     data_parallel_size: independent engine replicas behind one front end.
     distributed_executor: what starts them, "mp" (local processes) or "ray" (Ray actors).
+    Replicas (data_parallel_size > 1) need "ray": Ray gives each its own devices, on one
+    machine or across a cluster (docs/distributed.md).
+    ray_address: a running Ray cluster to join (what `ray start --head` prints, or "auto");
+    None starts a private Ray instance on this machine.
+    ray_gpus_per_replica: GPUs Ray reserves for each replica and makes visible to it.
+    prefix_affinity_slack: how many more outstanding requests than the least loaded replica
+    the replica that last served a prompt's prefix may have and still get it.
+    replica_health_check_interval / _timeout: seconds between pings of each replica, and how
+    long one may take before the replica is declared failed and removed.
     """
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor: str = "mp"
+    ray_address: str | None = None
+    ray_gpus_per_replica: float = 0.0
+    prefix_affinity_slack: int = 4
+    replica_health_check_interval: float = 10.0
+    replica_health_check_timeout: float = 30.0
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -150,6 +164,29 @@ class ParallelConfig:
             raise ConfigError("distributed_executor must be one of "
                               f"{', '.join(DISTRIBUTED_EXECUTORS)}, "
                               f"got {self.distributed_executor!r}")
+        self._validate_replicas()
+
+    def _validate_replicas(self) -> None:
+        if self.data_parallel_size > 1 and self.distributed_executor != "ray":
+            raise ConfigError("data_parallel_size > 1 needs distributed_executor 'ray' "
+                              "(--distributed-executor ray): Ray starts the replicas and gives "
+                              "each its own devices; without --ray-address it starts a local "
+                              "Ray instance on this machine")
+        if self.distributed_executor != "ray":
+            for name in ("ray_address", "ray_gpus_per_replica"):
+                if getattr(self, name):
+                    raise ConfigError(f"{name} applies only with distributed_executor 'ray'")
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("ray_address must not be empty (omit it to start a local Ray)")
+        if self.ray_gpus_per_replica < 0:
+            raise ConfigError("ray_gpus_per_replica must be >= 0, "
+                              f"got {self.ray_gpus_per_replica}")
+        if self.prefix_affinity_slack < 0:
+            raise ConfigError("prefix_affinity_slack must be >= 0, "
+                              f"got {self.prefix_affinity_slack}")
+        for name in ("replica_health_check_interval", "replica_health_check_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)}")
 
 
 @dataclass
