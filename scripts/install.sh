@@ -29,11 +29,11 @@ if [ -n "$extras" ]; then
     $PIP install -q --disable-pip-version-check --no-deps "triton==${KVPORT_TRITON_VERSION:-3.9.0}"
     $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-cuda \
         -e plugins/kvport-rocm
-    # kvport-gaudi, kvport-mps: detection and selection against faked device libraries, their
-    # attention on the CPU through the conformance kit (no such hardware here; see
-    # docs/platforms.md).
+    # kvport-gaudi, kvport-neuron, kvport-mps: detection and selection against faked device
+    # libraries, their attention on the CPU through the conformance kit (no such hardware
+    # here; see docs/platforms.md).
     $PIP install -q --disable-pip-version-check --no-deps -e plugins/kvport-gaudi \
-        -e plugins/kvport-mps
+        -e plugins/kvport-neuron -e plugins/kvport-mps
     # Replicas as Ray actors (--distributed-executor ray), tested on a local Ray instance.
     # Plain `ray` (no [default]: no dashboard), pinned as the `kvport[ray]` extra; no torch.
     $PIP install -q --disable-pip-version-check "ray==2.60.0"
