@@ -17,7 +17,8 @@ from kvport_gaudi.attention import GaudiPagedBackend  # noqa: E402
 from kvport_gaudi.buckets import BucketRule, GaudiBuckets  # noqa: E402
 from kvport_gaudi.plan import plan_decode  # noqa: E402
 
-from kvport.attention_backends.torch_reference import gather_context  # noqa: E402
+from kvport.attention_backends.torch_reference import (  # noqa: E402
+    TorchReferenceBackend, gather_context)
 
 from paged_cases import MAX_REL_ERR, compare_with_reference, random_step  # noqa: E402
 
@@ -78,7 +79,7 @@ def test_flat_plan_maps_every_block_to_its_request():
 def test_the_block_merge_survives_extreme_scores():
     """Block maxima 90-200 apart within a request and requests ~200 apart: exp() of unshifted
     scores overflows, and one shift for all requests underflows the small ones to 0/0. The
-    merge is exact while a request's block maxima stay within 352 of each other (4 x 88)."""
+    merge is exact while a request's block maxima stay within 320 of each other."""
     step = random_step([(300, 1), (40, 1), (1000, 1), (3, 1)], num_heads=4, num_kv_heads=1,
                        head_size=16, block_size=16, seed=3)
     step.query[0] *= 20.0
@@ -93,6 +94,22 @@ def test_the_block_merge_survives_extreme_scores():
     err, out = compare_with_reference(GaudiPagedBackend(step.spec), step)
     assert torch.isfinite(out).all()
     assert err < MAX_REL_ERR["float32"], err
+
+
+def test_a_request_beyond_the_exact_range_does_not_spoil_the_others():
+    """Block maxima thousands apart in request 0 (past the 320 the merge is exact for):
+    every number stays finite and the other requests are still exact."""
+    step = random_step([(300, 1), (40, 1), (100, 1)], num_heads=2, num_kv_heads=1,
+                       head_size=16, block_size=16, seed=9)
+    step.query[0] *= 200.0
+    step.cache[0] *= torch.linspace(0.1, 4.0, step.cache.shape[1])[:, None, None, None]
+    step.cache[:, 0] = 0.0
+    out, _, _ = run(step, GaudiBuckets())
+    reference = TorchReferenceBackend(step.spec)
+    expected = reference.forward(step.query, step.key, step.value, step.cache.clone(),
+                                 reference.build_metadata(step.common, "cpu"))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[1:], expected[1:], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
