@@ -13,7 +13,6 @@ if importlib.util.find_spec("kvport_mps") is None:
     pytest.skip("kvport-mps is not installed (scripts/install.sh --test installs it)",
                 allow_module_level=True)
 
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from kvport_mps.attention import MpsSdpaBackend, plan_batch  # noqa: E402
 

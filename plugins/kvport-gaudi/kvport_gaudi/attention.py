@@ -167,7 +167,7 @@ class GaudiPagedBackend(AttentionBackend):
                      part: FlatDecode) -> torch.Tensor:
         """[S, H * d]: one query per request against the flat block list."""
         spec = self.spec
-        kvh, G, d, bs = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_size, spec.block_size
+        kvh, G, d = spec.num_kv_heads, spec.num_queries_per_kv, spec.head_size
         NB, S = part.mapping.shape
         q = q_all.index_select(0, part.q_rows).reshape(S, -1) * spec.scale
         q = (part.mapping_kv @ q).view(NB, kvh, G, d)                  # batch to blocks
