@@ -8,6 +8,7 @@ registry, the `kvport plugins` listing and `kvport serve --device mps` run for r
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,17 @@ def test_kv_budget_comes_from_unified_memory():
     # 0.9 of the 40 GiB left would be 36 GiB: half the RAM (32 GiB) is the cap
     assert memory.kv_cache_budget(48 * GiB, 8 * GiB, 64 * GiB, 0.9) == 32 * GiB
     assert memory.free_gpu_bytes(4 * GiB, 5 * GiB) == 0
+
+
+def test_unified_memory_is_read_from_sysctl(tmp_path, monkeypatch):
+    """macOS's `sysctl -n hw.memsize` (a stand-in on PATH here), else the page count."""
+    fallback = memory.unified_memory_bytes()
+    assert fallback == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    sysctl = tmp_path / "sysctl"
+    sysctl.write_text("#!/bin/sh\n[ \"$1 $2\" = \"-n hw.memsize\" ] && echo 68719476736\n")
+    sysctl.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert memory.unified_memory_bytes() == 64 * GiB
 
 
 @pytest.fixture
