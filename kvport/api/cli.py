@@ -17,6 +17,7 @@ ENGINE_OPTIONS = {
     "num_threads": "num_threads", "enforce_eager": "enforce_eager", "seed": "seed",
     "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
+    "tensor_parallel_size": "tensor_parallel_size",
     # serve only (add_replica_arguments)
     "data_parallel_size": "data_parallel_size", "distributed_executor": "distributed_executor",
     "ray_address": "ray_address", "ray_gpus_per_replica": "ray_gpus_per_replica",
@@ -63,6 +64,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-waiting-requests", type=int,
                        help="queue limit; requests beyond it get HTTP 503 (default: no limit)")
     group.add_argument("--served-model-name", help="model id clients use (default: the file name)")
+    group.add_argument("--tensor-parallel-size", "-tp", type=int,
+                       help="devices that each hold a slice of every layer, one worker process "
+                            "per device (docs/distributed.md) (default: 1)")
 
 
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:

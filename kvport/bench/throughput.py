@@ -30,6 +30,8 @@ def add_bench_throughput_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--max-num-batched-tokens", type=int, default=None)
     e.add_argument("--max-model-len", type=int, default=None)
     e.add_argument("--kv-cache-memory", default=None, help="e.g. 2GiB")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=None,
+                   help="devices holding a slice of every layer (default: 1)")
     e.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="any other LLM(...) keyword (value parsed as JSON if it can be)")
     w = p.add_argument_group("workload")
@@ -57,7 +59,8 @@ def _range(text: str) -> tuple[int, int]:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs = {k: getattr(args, k) for k in ("max_num_seqs", "max_num_batched_tokens",
-                                             "max_model_len", "kv_cache_memory")
+                                             "max_model_len", "kv_cache_memory",
+                                             "tensor_parallel_size")
               if getattr(args, k) is not None}
     for item in args.engine_arg:
         key, _, value = item.partition("=")

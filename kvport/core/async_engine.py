@@ -88,8 +88,11 @@ class AsyncLLMEngine:
         """
         context = multiprocessing.get_context("spawn")
         parent, child = context.Pipe(duplex=True)
+        # A daemonic process may not start processes, and a tensor-parallel engine starts one
+        # per rank; those ranks end with the core (kvport/core/executor_process.py).
+        daemonic = self.config.parallel.tensor_parallel_size == 1
         process = context.Process(target=run_engine_core, args=(self.config, child),
-                                  name="kvport-engine-core", daemon=True)
+                                  name="kvport-engine-core", daemon=daemonic)
         process.start()
         child.close()
         return process, parent

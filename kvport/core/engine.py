@@ -55,7 +55,8 @@ class LLMEngine:
     """Owns one model on one platform and serves requests step by step."""
 
     def __init__(self, config: EngineConfig, registry=None):
-        from kvport.platforms.registry import PluginRegistry, import_object
+        from kvport.core.executor import build_worker
+        from kvport.platforms.registry import PluginRegistry
 
         self.config = config
         self.registry = registry or PluginRegistry()
@@ -68,8 +69,8 @@ class LLMEngine:
         config.model.dtype = self.platform.resolve_dtype(config, self.model_info.checkpoint_dtype)
         self.tokenizer = load_tokenizer(self.model_info, config.model.tokenizer)
         self.eos_token_ids = eos_token_ids(self.model_info, self.tokenizer)
-        worker_class = import_object(self.platform.worker_class())
-        self.worker = worker_class(config, self.model_info, self.platform, self.registry)
+        # the platform's worker, or one process per rank behind it (tensor parallelism)
+        self.worker = build_worker(config, self.model_info, self.platform, self.registry)
         self.num_blocks = self._start_worker()
         self.kv_cache = KVCacheManager(self.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)

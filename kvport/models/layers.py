@@ -14,6 +14,9 @@ from torch import nn
 # Rope parameters are read by the framework-free core (shared with the JAX worker); the
 # frequencies are computed here in torch, exactly as transformers computes them.
 from kvport.core.rope import RopeConfig, parse_rope_config  # noqa: F401  (re-exported)
+from kvport.core.tensor_parallel import split_evenly
+from kvport.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
+from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
 
 
 
@@ -119,16 +122,23 @@ class RotaryEmbedding(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul.
+
+    Under tensor parallelism each rank holds a slice of the intermediate channels: gate/up
+    column-parallel, down row-parallel (its all-reduce sums the ranks' slices).
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
-                 hidden_act: str = "silu"):
+                 hidden_act: str = "silu", tp: TensorParallelGroup = SINGLE_GROUP):
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {hidden_act!r}; supported: silu")
-        self.intermediate_size = intermediate_size
-        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        start, count = split_evenly(intermediate_size, tp.world_size, tp.rank)
+        self.intermediate_size = count                           # this rank's channels
+        rows = (intermediate_size, start, count)
+        self.gate_up_proj = ColumnParallelLinear(hidden_size, {0: rows, 1: rows}, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, start, count, hidden_size,
+                                           bias=bias, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)         # [T, inter] each

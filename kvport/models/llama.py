@@ -7,6 +7,12 @@ Tokens of a step are flattened ([T, ...], no batch dimension); the attention bac
 requests, their contexts and their KV cache blocks in the step's metadata.
 Parameter names follow Hugging Face's except the fused projections: `load_weights` copies
 q/k/v_proj into slices of qkv_proj and gate/up_proj into slices of gate_up_proj.
+
+Tensor parallelism (`tp`, a group of more than one rank): each rank builds the same model with
+its slice of every layer (kvport/models/parallel_layers.py): whole KV-head groups of the
+attention, a slice of the MLP channels and of the vocabulary; norms and rotary tables are
+replicated. Each rank loads only its slice from the checkpoint, and the logits are gathered on
+rank 0. With one rank (the default) no collective is ever called.
 """
 from __future__ import annotations
 
@@ -18,8 +24,12 @@ from torch import nn
 
 from kvport.attention_backends.interface import AttentionBackend
 from kvport.core.model_info import uniform_sliding_window
+from kvport.core.tensor_parallel import HeadShard
 from kvport.models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary,
                                   parse_rope_config)
+from kvport.models.parallel_layers import (ColumnParallelLinear, ParallelLMHead,
+                                           RowParallelLinear, VocabParallelEmbedding)
+from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
 from kvport.models.weights import WeightLoadError
 
 # HF checkpoint entries that are derived buffers, not parameters
@@ -32,25 +42,28 @@ _STACKED = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_size: int,
-                 qkv_bias: bool, o_proj_bias: bool, qk_norm_eps: float | None,
-                 attn_backend: AttentionBackend):
+    """Attention over this rank's heads (`heads`; all of them with one rank)."""
+
+    def __init__(self, hidden_size: int, heads: HeadShard, total_heads: int,
+                 total_kv_heads: int, head_size: int, qkv_bias: bool, o_proj_bias: bool,
+                 qk_norm_eps: float | None, attn_backend: AttentionBackend,
+                 tp: TensorParallelGroup = SINGLE_GROUP):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_size = num_heads, num_kv_heads, head_size
-        self.q_size, self.kv_size = num_heads * head_size, num_kv_heads * head_size
-        self.qkv_proj = nn.Linear(hidden_size, self.q_size + 2 * self.kv_size, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, hidden_size, bias=o_proj_bias)
+        D = head_size
+        self.num_heads, self.num_kv_heads, self.head_size = heads.num_heads, heads.num_kv_heads, D
+        self.q_size, self.kv_size = heads.num_heads * D, heads.num_kv_heads * D
+        kv_rows = (total_kv_heads * D, heads.kv_start * D, self.kv_size)
+        self.qkv_proj = ColumnParallelLinear(
+            hidden_size, {"q": (total_heads * D, heads.q_start * D, self.q_size),
+                          "k": kv_rows, "v": kv_rows}, bias=qkv_bias)
+        self.o_proj = RowParallelLinear(total_heads * D, heads.q_start * D, self.q_size,
+                                        hidden_size, bias=o_proj_bias, tp=tp)
         if qk_norm_eps is not None:   # Qwen3: RMSNorm over each head, before RoPE
             self.q_norm = RMSNorm(head_size, qk_norm_eps)
             self.k_norm = RMSNorm(head_size, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.attn_backend = attn_backend
-
-    def shard_range(self, shard: str) -> tuple[int, int]:
-        """(start row, rows) of q, k or v inside qkv_proj."""
-        return {"q": (0, self.q_size), "k": (self.q_size, self.kv_size),
-                "v": (self.q_size + self.kv_size, self.kv_size)}[shard]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: Any) -> torch.Tensor:
@@ -92,9 +105,9 @@ class LlamaModel(nn.Module):
     """The decoder stack without the LM head (HF's `model.` prefix)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, layers: list[LlamaDecoderLayer],
-                 rotary_emb: RotaryEmbedding, eps: float):
+                 rotary_emb: RotaryEmbedding, eps: float, tp: TensorParallelGroup = SINGLE_GROUP):
         super().__init__()
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(vocab_size, hidden_size, tp)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden_size, eps)
         self.rotary_emb = rotary_emb
@@ -120,13 +133,19 @@ class LlamaForCausalLM(nn.Module):
     qk_norm: per-head RMSNorm on q and k before RoPE (Qwen3);
     sliding_window_needs_flag: the window applies only when `use_sliding_window` is true, and
     then only to layers >= `max_window_layers` unless `layer_types` says otherwise (Qwen).
+
+    `tp` is this process's tensor-parallel group; `attn_backend`'s spec then counts only this
+    rank's heads.
     """
     qkv_bias: ClassVar[bool | None] = None
     o_proj_bias: ClassVar[bool | None] = None
     qk_norm: ClassVar[bool] = False
     sliding_window_needs_flag: ClassVar[bool] = False
+    # The torch worker passes `tp=` only to model classes that say they take it.
+    supports_tensor_parallel: ClassVar[bool] = True
 
-    def __init__(self, hf_config: dict[str, Any], attn_backend: AttentionBackend):
+    def __init__(self, hf_config: dict[str, Any], attn_backend: AttentionBackend,
+                 tp: TensorParallelGroup = SINGLE_GROUP):
         super().__init__()
         cfg = hf_config
         self.hf_config = cfg
@@ -142,22 +161,28 @@ class LlamaForCausalLM(nn.Module):
         self.vocab_size = int(cfg["vocab_size"])
         self.tie_word_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.sliding_window = self._sliding_window(cfg, num_layers)
-        self._check_backend(attn_backend, num_heads, num_kv_heads, head_size)
+        self.tp = tp
+        heads = HeadShard.of(num_heads, num_kv_heads, tp.world_size, tp.rank)
+        if heads.num_kv_heads == 0:
+            raise ValueError(f"{num_kv_heads} KV heads cannot be split over {tp.world_size} "
+                             "tensor-parallel ranks")
+        self._check_backend(attn_backend, heads.num_heads, heads.num_kv_heads, head_size)
 
         rotary = RotaryEmbedding(head_size, int(cfg.get("max_position_embeddings") or 2048),
                                  parse_rope_config(cfg))
         layers = [
             LlamaDecoderLayer(
-                LlamaAttention(hidden, num_heads, num_kv_heads, head_size, qkv_bias, o_proj_bias,
-                               eps if self.qk_norm else None, attn_backend),
+                LlamaAttention(hidden, heads, num_heads, num_kv_heads, head_size, qkv_bias,
+                               o_proj_bias, eps if self.qk_norm else None, attn_backend, tp),
                 GatedMLP(hidden, int(cfg["intermediate_size"]), bool(cfg.get("mlp_bias", False)),
-                         cfg.get("hidden_act", "silu")),
+                         cfg.get("hidden_act", "silu"), tp),
                 hidden, eps)
             for _ in range(num_layers)]
-        self.model = LlamaModel(self.vocab_size, hidden, layers, rotary, eps)
+        self.model = LlamaModel(self.vocab_size, hidden, layers, rotary, eps, tp)
         # tied: compute_logits reads the embedding matrix, so there is nothing to keep in sync
+        # (both hold the same rows of the same vocabulary shard)
         self.lm_head = (None if self.tie_word_embeddings
-                        else nn.Linear(hidden, self.vocab_size, bias=False))
+                        else ParallelLMHead(hidden, self.vocab_size, tp))
 
     # -- configuration helpers ----------------------------------------------------------------
 
@@ -185,18 +210,23 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions [T] -> final-norm hidden states [T, hidden]."""
         return self.model(input_ids, positions, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [N, hidden] -> float32 logits [N, vocab]; under tensor parallelism the
+        vocabulary shards are gathered on rank 0, and the other ranks get None."""
         if self.lm_head is None:                                  # tied to the embedding
-            return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            local = F.linear(hidden, self.model.embed_tokens.weight)
+        else:
+            local = self.lm_head(hidden)
+        logits = self.tp.gather_to_first(local, self.vocab_size)
+        return None if logits is None else logits.float()
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face named tensors into the parameters (fused ones slice by slice).
 
         Raises WeightLoadError naming every unexpected checkpoint entry and every parameter
-        (or fused slice) the checkpoint did not provide, or a shape that does not fit.
+        (or fused slice) the checkpoint did not provide, or a shape that does not fit. The
+        parallel layers copy only this rank's slice of each tensor.
         """
         params = dict(self.named_parameters())
         loaded: set[tuple[str, Any]] = set()
@@ -211,14 +241,15 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 unexpected.append(name)
                 continue
-            dst = param.data
-            if shard is not None:
-                start, rows = self._shard_range(target, shard)
-                dst = dst.narrow(0, start, rows)
-            if tuple(tensor.shape) != tuple(dst.shape):
+            module_name, _, attr = target.rpartition(".")
+            module = self.get_submodule(module_name)
+            if hasattr(module, "load_shard"):
+                module.load_shard(attr, tensor, shard, name)
+            elif tuple(tensor.shape) != tuple(param.shape):
                 raise WeightLoadError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, "
-                                      f"the model expects {tuple(dst.shape)}")
-            dst.copy_(tensor)
+                                      f"the model expects {tuple(param.shape)}")
+            else:
+                param.data.copy_(tensor)
             loaded.add((target, shard))
         missing = [self._hf_name(p, s) for p in params for s in self._shards(p)
                    if (p, s) not in loaded]
@@ -260,13 +291,6 @@ class LlamaForCausalLM(nn.Module):
         parts = param_name.split(".")
         parts[-2] = inverse[(parts[-2], shard)]
         return ".".join(parts)
-
-    def _shard_range(self, param_name: str, shard: Any) -> tuple[int, int]:
-        module = self.get_submodule(param_name.rsplit(".", 2)[0])   # the attention or MLP
-        if isinstance(module, LlamaAttention):
-            return module.shard_range(shard)
-        rows = module.intermediate_size
-        return shard * rows, rows
 
 
 def _head(names: list[str], limit: int = 10) -> str:

@@ -21,11 +21,13 @@ from kvport.models.weights import iter_weights
 def build_model(model_info: ModelInfo, model_class: Callable[..., nn.Module],
                 torch_dtype: torch.dtype | str, attn_backend: AttentionBackend,
                 device: torch.device | str,
-                weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> nn.Module:
-    """`model_class(hf_config, attn_backend)` in `torch_dtype` on `device`, weights loaded,
-    in eval mode with gradients off.
+                weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+                model_kwargs: dict | None = None) -> nn.Module:
+    """`model_class(hf_config, attn_backend, **model_kwargs)` in `torch_dtype` on `device`,
+    weights loaded, in eval mode with gradients off.
 
     `weights` (HF name, tensor) pairs replace reading the checkpoint with `iter_weights`.
+    `model_kwargs` carries what only some models take (`tp`, the tensor-parallel group).
     """
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     if not isinstance(dtype, torch.dtype):
@@ -34,7 +36,7 @@ def build_model(model_info: ModelInfo, model_class: Callable[..., nn.Module],
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = model_class(model_info.hf_config, attn_backend)
+            model = model_class(model_info.hf_config, attn_backend, **(model_kwargs or {}))
     finally:
         torch.set_default_dtype(previous)
     model.to_empty(device=torch.device(device))

@@ -49,6 +49,15 @@ class Platform(abc.ABC):
     def worker_class(self) -> str:
         """Dotted path ("package.module:Class") of this platform's Worker subclass."""
 
+    def bind_tensor_parallel_rank(self, rank: int, world_size: int) -> None:
+        """Make this process use the device of tensor-parallel rank `rank` of `world_size`.
+
+        Called once in each tensor-parallel worker process (one process per rank, all on
+        this host), before the worker touches a device; memory queries afterwards answer for
+        that device. Raise ConfigError when the host has fewer than `world_size` devices.
+        The default does nothing: every rank shares the one device (a CPU host).
+        """
+
     def supported_quantizations(self) -> tuple[str, ...]:
         """Quantization schemes (names from `kvport.core.config.QUANTIZATIONS`) this device's
         worker implements; none by default."""

@@ -2,6 +2,10 @@
 
 Shared by every torch platform (CPU, CUDA, ROCm, MPS, ...); a plugin subclasses only what its
 hardware needs.
+
+Under tensor parallelism every rank runs the same steps on its slice of the model; the logits
+reach rank 0 only, rank 0 samples, and the sampled ids are broadcast so that every rank's
+request states (the next step's input tokens) stay identical.
 """
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import torch
 
 from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
 from kvport.core.worker_state import scheduled_states, update_request_states
+from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
 from kvport.torch_worker.input_batch import build_step_inputs
 from kvport.torch_worker.request_state import RequestState
 from kvport.torch_worker.sampler import Sampler, SamplingMetadata
@@ -18,8 +23,10 @@ class TorchModelRunner:
     """Holds the model, its KV caches and every request's state on one torch device."""
 
     def __init__(self, model: torch.nn.Module, attn_backend, kv_caches: list[torch.Tensor],
-                 device: torch.device, block_size: int, vocab_size: int):
+                 device: torch.device, block_size: int, vocab_size: int,
+                 tp: TensorParallelGroup = SINGLE_GROUP):
         self.model = model
+        self.tp = tp
         self.attn_backend = attn_backend
         self.kv_caches = kv_caches
         self.device = device
@@ -58,10 +65,22 @@ class TorchModelRunner:
         logits_indices = torch.from_numpy(inputs.logits_indices).to(self.device)
         logits = self.model.compute_logits(hidden[logits_indices])
         sampling_states = [self.states[r] for r in inputs.sampling_req_ids]
-        metadata = SamplingMetadata.from_states(sampling_states, self.vocab_size, self.device)
-        token_ids, logprobs = self.sampler(logits, metadata)
+        token_ids, logprobs = self.sample_or_receive(logits, sampling_states)
         sampled = token_ids.tolist()
         for state, token_id in zip(sampling_states, sampled):
             state.output_token_ids.append(token_id)
         return ModelRunnerOutput(req_ids=inputs.sampling_req_ids, sampled_token_ids=sampled,
                                  logprobs=logprobs)
+
+    def sample_or_receive(self, logits: torch.Tensor | None, sampling_states):
+        """Sample one token per row; tensor-parallel ranks other than 0 (`logits` None)
+        receive rank 0's ids instead."""
+        if logits is None:
+            token_ids = torch.empty(len(sampling_states), dtype=torch.int64, device=self.device)
+            logprobs = None
+        else:
+            metadata = SamplingMetadata.from_states(sampling_states, self.vocab_size,
+                                                    self.device)
+            token_ids, logprobs = self.sampler(logits, metadata)
+        self.tp.broadcast_from_first(token_ids)
+        return token_ids, logprobs

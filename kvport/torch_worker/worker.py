@@ -2,6 +2,11 @@
 
 A platform plugin subclasses it and overrides `torch_device` and `kv_cache_budget_bytes`
 (and anything else its hardware needs); the model runner is shared.
+
+Tensor parallelism: the executor (kvport/core/executor.py) builds one TorchWorker per rank,
+each in its own process, with that rank's `TensorParallelRank`. The worker binds its device
+through the Platform, joins the torch.distributed group, loads its slice of the model and
+sizes a KV cache of its own KV heads only; rank 0 samples for the group (TorchModelRunner).
 """
 from __future__ import annotations
 
@@ -10,8 +15,12 @@ import logging
 import torch
 
 from kvport.attention_backends.interface import AttentionSpec
+from kvport.core.config import ConfigError
+from kvport.core.tensor_parallel import SINGLE_RANK, HeadShard, TensorParallelRank
 from kvport.core.worker import ModelRunnerOutput, SchedulerOutput, Worker
+from kvport.models.tp_group import SINGLE_GROUP
 from kvport.platforms.interface import DTYPE_BYTES
+from kvport.torch_worker.distributed import destroy_tensor_parallel, init_tensor_parallel
 from kvport.torch_worker.model_runner import TorchModelRunner
 
 logger = logging.getLogger(__name__)
@@ -20,10 +29,19 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16":
 
 
 class TorchWorker(Worker):
-    """Loads a torch model, owns its KV cache, runs steps through TorchModelRunner."""
+    """Loads a torch model, owns its KV cache, runs steps through TorchModelRunner.
 
-    def __init__(self, config, model_info, platform, registry):
+    `parallel` places the worker in a tensor-parallel group (the executor passes it; the
+    default is a group of one).
+    """
+    # The multiprocess executor may run one of these per tensor-parallel rank.
+    supports_tensor_parallel = True
+
+    def __init__(self, config, model_info, platform, registry,
+                 parallel: TensorParallelRank = SINGLE_RANK):
         super().__init__(config, model_info, platform, registry)
+        self.parallel = parallel
+        self.tp = SINGLE_GROUP
         self.dtype_name = config.model.dtype
         self.dtype = TORCH_DTYPES[self.dtype_name]
         self.device: torch.device | None = None
@@ -42,14 +60,30 @@ class TorchWorker(Worker):
             return int(self.config.cache.kv_cache_memory)
         return int(self.platform.free_memory_bytes() * self.config.cache.gpu_memory_utilization)
 
+    def activate_device(self) -> None:
+        """Make `self.device` this process's current device (CUDA: set_device); default
+        nothing."""
+
+    @property
+    def heads(self) -> HeadShard:
+        """The attention heads this worker computes (all of them without tensor parallelism)."""
+        info = self.model_info
+        return HeadShard.of(info.num_heads, info.num_kv_heads, self.parallel.world_size,
+                            self.parallel.rank)
+
     # Worker interface ------------------------------------------------------------------
     def init_device(self) -> None:
+        if self.parallel.world_size > 1:
+            # before anything touches a device: the platform picks this rank's device
+            self.platform.bind_tensor_parallel_rank(self.parallel.rank, self.parallel.world_size)
         self.device = self.torch_device()
+        self.activate_device()
         torch.manual_seed(self.config.model.seed)
+        self.tp = init_tensor_parallel(self.parallel, self.device)
 
     def attention_spec(self) -> AttentionSpec:
-        info = self.model_info
-        return AttentionSpec(num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
+        info, heads = self.model_info, self.heads
+        return AttentionSpec(num_heads=heads.num_heads, num_kv_heads=heads.num_kv_heads,
                              head_size=info.head_size, block_size=self.config.cache.block_size,
                              dtype=self.dtype_name, scale=info.head_size ** -0.5,
                              sliding_window=info.sliding_window)
@@ -63,8 +97,15 @@ class TorchWorker(Worker):
                                                               self.platform.device_type)
         self.attn_backend = backend_class(self.attention_spec())
         model_class = self.registry.model_class(self.model_info.architecture, framework="torch")
+        model_kwargs = {}
+        if self.tp.world_size > 1:
+            if not getattr(model_class, "supports_tensor_parallel", False):
+                raise ConfigError(f"tensor_parallel_size {self.tp.world_size}: the model class "
+                                  f"{model_class.__name__} ({self.model_info.architecture}) "
+                                  "has no tensor-parallel form")
+            model_kwargs["tp"] = self.tp
         self.model = build_model(self.model_info, model_class, self.dtype, self.attn_backend,
-                                 self.device)
+                                 self.device, model_kwargs=model_kwargs)
         if self.config.model.quantization:
             from kvport.models.quantization import quantize_model
             replaced = quantize_model(self.model, self.config.model.quantization)
@@ -72,9 +113,11 @@ class TorchWorker(Worker):
                         self.config.model.quantization)
 
     def bytes_per_block(self) -> int:
+        """KV bytes of one block over all layers, for this worker's KV heads."""
         info = self.model_info
-        page = self.attn_backend.page_bytes(self.config.cache.block_size, info.num_kv_heads,
-                                            info.head_size, DTYPE_BYTES[self.dtype_name])
+        page = self.attn_backend.page_bytes(self.config.cache.block_size,
+                                            self.heads.num_kv_heads, info.head_size,
+                                            DTYPE_BYTES[self.dtype_name])
         return page * info.num_layers
 
     def determine_available_kv_blocks(self) -> int:
@@ -83,11 +126,12 @@ class TorchWorker(Worker):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         info = self.model_info
         shape = self.attn_backend.kv_cache_shape(num_blocks, self.config.cache.block_size,
-                                                 info.num_kv_heads, info.head_size)
+                                                 self.heads.num_kv_heads, info.head_size)
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                      for _ in range(info.num_layers)]
         self.runner = TorchModelRunner(self.model, self.attn_backend, kv_caches, self.device,
-                                       self.config.cache.block_size, info.vocab_size)
+                                       self.config.cache.block_size, info.vocab_size,
+                                       tp=self.tp)
 
     def warm_up(self) -> None:
         """Nothing to capture or compile in eager torch; graph platforms override this."""
@@ -98,3 +142,5 @@ class TorchWorker(Worker):
     def shutdown(self) -> None:
         self.runner = None
         self.model = None
+        destroy_tensor_parallel(self.tp)
+        self.tp = SINGLE_GROUP

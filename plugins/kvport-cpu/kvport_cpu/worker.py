@@ -1,4 +1,7 @@
-"""The CPU worker: the shared torch worker, with threads and a memory-budget KV cache."""
+"""The CPU worker: the shared torch worker, with threads and a memory-budget KV cache.
+
+Tensor parallelism on a CPU (gloo collectives, every rank on the same cores) is a
+correctness vehicle, not a speed-up: it runs the sharded model code where CI can test it."""
 from __future__ import annotations
 
 import torch
@@ -13,9 +16,14 @@ class CpuWorker(TorchWorker):
 
     def init_device(self) -> None:
         super().init_device()
-        torch.set_num_threads(self.config.device.num_threads)
+        # The ranks of a tensor-parallel group share this host's cores: num_threads in all.
+        torch.set_num_threads(max(1, self.config.device.num_threads // self.parallel.world_size))
 
     def kv_cache_budget_bytes(self) -> int:
+        """`kv_cache_memory` (or the platform's default) for the whole model: tensor-parallel
+        ranks share the host's memory, so each takes its part."""
         if self.config.cache.kv_cache_memory:
-            return int(self.config.cache.kv_cache_memory)
-        return self.platform.default_kv_cache_bytes()
+            total = int(self.config.cache.kv_cache_memory)
+        else:
+            total = self.platform.default_kv_cache_bytes()
+        return total // self.parallel.world_size

@@ -85,8 +85,9 @@ def profile_memory(model, attn_backend, kv_cache_shape, dtype: torch.dtype, num_
     hidden = model(torch.from_numpy(ids).to(device), torch.from_numpy(positions).to(device),
                    [cache] * num_layers, metadata)
     last = torch.from_numpy(common.query_start_loc[1:].astype(np.int64) - 1).to(device)
-    logits = model.compute_logits(hidden[last])
-    logits.sort(dim=-1)                    # top-p sampling's sort: the largest sampler buffer
+    logits = model.compute_logits(hidden[last])     # None on tensor-parallel ranks but 0
+    if logits is not None:
+        logits.sort(dim=-1)                # top-p sampling's sort: the largest sampler buffer
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - before
     del hidden, logits, cache, metadata

@@ -21,8 +21,8 @@ import torch
 from kvport.attention_backends.triton_paged import TritonPagedMetadata
 from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
 from kvport.core.worker_state import scheduled_states
+from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
 from kvport.torch_worker.model_runner import TorchModelRunner
-from kvport.torch_worker.sampler import SamplingMetadata
 from kvport_cuda.block_tables import DeviceBlockTables
 from kvport_cuda.graphs import DecodeGraphs
 from kvport_cuda.host_batch import HostBatch, build_host_batch
@@ -34,8 +34,9 @@ class CudaModelRunner(TorchModelRunner):
 
     def __init__(self, model, attn_backend, kv_caches: list[torch.Tensor],
                  device: torch.device, block_size: int, vocab_size: int, *,
-                 max_num_seqs: int, max_model_len: int):
-        super().__init__(model, attn_backend, kv_caches, device, block_size, vocab_size)
+                 max_num_seqs: int, max_model_len: int,
+                 tp: TensorParallelGroup = SINGLE_GROUP):
+        super().__init__(model, attn_backend, kv_caches, device, block_size, vocab_size, tp=tp)
         self.max_model_len = max_model_len
         self.max_blocks = -(-max_model_len // block_size)
         self.tables = DeviceBlockTables(max_num_seqs, self.max_blocks, device)
@@ -107,8 +108,7 @@ class CudaModelRunner(TorchModelRunner):
             selected = hidden[torch.from_numpy(batch.logits_indices).to(self.device)]
         logits = self.model.compute_logits(selected)
         sampling_states = [self.states[r] for r in sampling_req_ids]
-        metadata = SamplingMetadata.from_states(sampling_states, self.vocab_size, self.device)
-        token_ids, logprobs = self.sampler(logits, metadata)
+        token_ids, logprobs = self.sample_or_receive(logits, sampling_states)
         sampled = token_ids.tolist()
         for state, token_id in zip(sampling_states, sampled):
             state.output_token_ids.append(token_id)

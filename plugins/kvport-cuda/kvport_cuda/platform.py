@@ -45,6 +45,16 @@ class CudaPlatform(Platform):
     def distributed_backend(self) -> str:
         return "nccl"
 
+    def bind_tensor_parallel_rank(self, rank: int, world_size: int) -> None:
+        """Rank r computes on GPU r of this host (as CUDA_VISIBLE_DEVICES numbers them)."""
+        from kvport.core.config import ConfigError
+        count = torch.cuda.device_count()
+        if world_size > count:
+            raise ConfigError(f"tensor_parallel_size {world_size} needs {world_size} GPUs on "
+                              f"this host; torch sees {count}")
+        self.device_index = rank
+        torch.cuda.set_device(rank)
+
     def default_attention_backend(self, config: EngineConfig) -> str:
         return self.attention_backend
 

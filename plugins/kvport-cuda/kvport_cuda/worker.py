@@ -25,9 +25,8 @@ class CudaWorker(TorchWorker):
     def torch_device(self) -> torch.device:
         return torch.device("cuda", self.platform.device_index)
 
-    def init_device(self) -> None:
-        torch.cuda.set_device(self.platform.device_index)
-        super().init_device()
+    def activate_device(self) -> None:
+        torch.cuda.set_device(self.device)
 
     def load_model(self) -> None:
         super().load_model()
@@ -43,8 +42,8 @@ class CudaWorker(TorchWorker):
         info, cache = self.model_info, self.config.cache
         profile = profile_memory(
             self.model, self.attn_backend,
-            lambda n: self.attn_backend.kv_cache_shape(n, cache.block_size, info.num_kv_heads,
-                                                       info.head_size),
+            lambda n: self.attn_backend.kv_cache_shape(n, cache.block_size,
+                                                       self.heads.num_kv_heads, info.head_size),
             self.dtype, info.num_layers, info.vocab_size, self.device,
             self.config.scheduler.max_num_batched_tokens, self.config.scheduler.max_num_seqs,
             cache.block_size, cache.gpu_memory_utilization)
@@ -55,19 +54,20 @@ class CudaWorker(TorchWorker):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         info, cache = self.model_info, self.config.cache
         shape = self.attn_backend.kv_cache_shape(num_blocks, cache.block_size,
-                                                 info.num_kv_heads, info.head_size)
+                                                 self.heads.num_kv_heads, info.head_size)
         kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                      for _ in range(info.num_layers)]
         if isinstance(self.attn_backend, TritonPagedAttentionBackend):
             self.runner = CudaModelRunner(
                 self.model, self.attn_backend, kv_caches, self.device, cache.block_size,
                 info.vocab_size, max_num_seqs=self.config.scheduler.max_num_seqs,
-                max_model_len=self.config.model.max_model_len)
+                max_model_len=self.config.model.max_model_len, tp=self.tp)
         else:
             logger.info("attention backend %r has no device-side metadata: running the shared "
                         "torch runner (no CUDA graphs)", self.attn_backend.name)
             self.runner = TorchModelRunner(self.model, self.attn_backend, kv_caches,
-                                           self.device, cache.block_size, info.vocab_size)
+                                           self.device, cache.block_size, info.vocab_size,
+                                           tp=self.tp)
 
     def warm_up(self) -> None:
         """Capture the decode CUDA graphs (unless enforce_eager or another runner)."""

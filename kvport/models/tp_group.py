@@ -1,0 +1,58 @@
+"""The tensor-parallel group as the model and the runner see it: three collectives.
+
+A model holds one `TensorParallelGroup` and calls it where partial results meet (after a
+row-parallel matmul, after the vocab-parallel embedding, on the logits). With one rank every
+collective returns its input untouched and torch.distributed is never imported, so a
+single-device model runs exactly the code it always ran. The process group itself is built by
+the worker (kvport/torch_worker/distributed.py), before the model.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class TensorParallelGroup:
+    """This process's rank in a group of `world_size` ranks over torch.distributed's default
+    process group (one group per worker process)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of {world_size}")
+        self.rank = rank
+        self.world_size = world_size
+
+    @property
+    def is_first(self) -> bool:
+        """Rank 0 receives the logits, samples and answers for the group."""
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; every rank gets the sum."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.all_reduce(x)
+        return x
+
+    def gather_to_first(self, x: torch.Tensor, size: int) -> torch.Tensor | None:
+        """Concatenate every rank's `x` [N, shard] along the last dimension on rank 0 and keep
+        the first `size` columns (the shards are padded to equal widths); None elsewhere."""
+        if self.world_size == 1:
+            return x[..., :size]
+        import torch.distributed as dist
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_first else None
+        dist.gather(x, parts, dst=0)
+        return torch.cat(parts, dim=-1)[..., :size] if self.is_first else None
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Overwrite `x` on every rank with rank 0's `x` (same shape and dtype everywhere)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.broadcast(x, src=0)
+        return x
+
+    def __repr__(self) -> str:
+        return f"TensorParallelGroup(rank={self.rank}, world_size={self.world_size})"
+
+
+SINGLE_GROUP = TensorParallelGroup()

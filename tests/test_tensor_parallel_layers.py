@@ -1,0 +1,224 @@
+"""Tensor-parallel sharding without processes: the shard arithmetic, and every rank's slice of a
+tiny random model (built and loaded through the real loader) against the unsharded model.
+
+The ranks run as threads of this process; their collectives go through `ThreadGroup`, a test
+double of TensorParallelGroup that sums / gathers in rank order through a barrier. The real
+torch.distributed (gloo) path runs end to end in tests/test_tensor_parallel.py.
+"""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from kvport.attention_backends.interface import AttentionSpec, CommonAttentionMetadata
+from kvport.attention_backends.torch_reference import TorchReferenceBackend
+from kvport.core.config import ConfigError
+from kvport.core.model_info import resolve_model
+from kvport.core.tensor_parallel import HeadShard, VocabShard, check_model_fits, split_evenly
+from kvport.models.llama import LlamaForCausalLM
+from kvport.models.loader import build_model
+from kvport.models.qwen3 import Qwen3ForCausalLM
+from kvport.models.tp_group import TensorParallelGroup
+
+from conftest import build_tiny_model
+
+BLOCK_SIZE = 4
+
+
+# ------------------------------------------------------------------ shard arithmetic
+
+@pytest.mark.parametrize("total,parts", [(9, 2), (3, 2), (1536, 2), (100, 3), (8, 8), (7, 4)])
+def test_split_evenly_covers_everything_once(total, parts):
+    pieces = [split_evenly(total, parts, i) for i in range(parts)]
+    assert pieces[0][0] == 0
+    for (start, count), (next_start, _) in zip(pieces, pieces[1:]):
+        assert start + count == next_start
+    assert sum(c for _, c in pieces) == total
+    assert max(c for _, c in pieces) - min(c for _, c in pieces) <= 1
+
+
+def test_head_shards_keep_whole_kv_groups():
+    # SmolLM2: 9 heads over 3 KV heads; two ranks get 2 and 1 KV heads with their 3 queries
+    shards = [HeadShard.of(9, 3, 2, r) for r in range(2)]
+    assert [(s.kv_start, s.num_kv_heads) for s in shards] == [(0, 2), (2, 1)]
+    assert [(s.q_start, s.num_heads) for s in shards] == [(0, 6), (6, 3)]
+    # Llama-3.1-8B: 32 heads over 8 KV heads, evenly on 2 ranks
+    assert HeadShard.of(32, 8, 2, 1) == HeadShard(q_start=16, num_heads=16, kv_start=4,
+                                                  num_kv_heads=4)
+
+
+def test_vocab_shards_are_padded_to_equal_widths():
+    shards = [VocabShard.of(321, 2, r) for r in range(2)]
+    assert [(s.start, s.count, s.padded) for s in shards] == [(0, 161, 161), (161, 160, 161)]
+    assert VocabShard.of(128256, 2, 1) == VocabShard(start=64128, count=64128, padded=64128)
+
+
+def test_model_must_have_a_kv_head_per_rank(tmp_path):
+    info = resolve_model(build_tiny_model(str(tmp_path), "llama"))      # 4 heads, 2 KV heads
+    check_model_fits(2, info)
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size 4 is larger than the model's "
+                                          r"2 KV heads \(4 attention heads\)"):
+        check_model_fits(4, info)
+
+
+# ------------------------------------------------------------------ sharded model vs whole
+
+class _Shared:
+    def __init__(self, size: int):
+        self.barrier = threading.Barrier(size, timeout=60)
+        self.slots: list = [None] * size
+
+
+class ThreadGroup(TensorParallelGroup):
+    """Collectives between threads of this process, summing and gathering in rank order."""
+
+    def __init__(self, rank: int, size: int, shared: _Shared):
+        super().__init__(rank, size)
+        self.shared = shared
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self.shared.slots[self.rank] = x.clone()
+        self.shared.barrier.wait()
+        parts = list(self.shared.slots)
+        self.shared.barrier.wait()            # nobody overwrites a slot before all have read
+        return parts
+
+    def all_reduce(self, x):
+        parts = self._exchange(x)
+        total = parts[0]
+        for part in parts[1:]:
+            total = total + part
+        return x.copy_(total)
+
+    def gather_to_first(self, x, size):
+        parts = self._exchange(x)
+        return torch.cat(parts, dim=-1)[..., :size] if self.is_first else None
+
+    def broadcast_from_first(self, x):
+        return x.copy_(self._exchange(x)[0])
+
+
+def _backend(info, heads: HeadShard) -> TorchReferenceBackend:
+    return TorchReferenceBackend(AttentionSpec(heads.num_heads, heads.num_kv_heads,
+                                               info.head_size, BLOCK_SIZE, "float32",
+                                               info.head_size ** -0.5))
+
+
+def _steps(prompts: list[list[int]]):
+    """A prefill step of every prompt, then one decode step each: [(ids, positions, meta)]."""
+    blocks = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
+
+    def metadata(starts, lens):
+        qsl = np.concatenate([[0], np.cumsum([e - s for s, e in zip(starts, lens)])])
+        table = np.array(blocks, dtype=np.int32)
+        slots = [b[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+                 for b, s, e in zip(blocks, starts, lens) for p in range(s, e)]
+        return CommonAttentionMetadata(query_start_loc=qsl.astype(np.int32),
+                                       seq_lens=np.array(lens, dtype=np.int32),
+                                       block_table=table, slot_mapping=np.array(slots))
+    lens = [len(p) for p in prompts]
+    prefill = (sum(prompts, []), [i for n in lens for i in range(n)],
+               metadata([0] * len(prompts), lens))
+    nexts = [(7 * i + 5) % 300 for i in range(len(prompts))]
+    decode = (nexts, lens, metadata(lens, [n + 1 for n in lens]))
+    return [prefill, decode]
+
+
+def _run(model, info, num_kv_heads: int, prompts) -> list[torch.Tensor | None]:
+    """Logits of the last token of every request, per step."""
+    backend = model.model.layers[0].self_attn.attn_backend
+    shape = backend.kv_cache_shape(8 * len(prompts) + 1, BLOCK_SIZE, num_kv_heads,
+                                   info.head_size)
+    caches = [torch.zeros(shape) for _ in range(info.num_layers)]
+    results = []
+    with torch.inference_mode():
+        for ids, positions, common in _steps(prompts):
+            hidden = model(torch.tensor(ids), torch.tensor(positions), caches,
+                           backend.build_metadata(common, torch.device("cpu")))
+            last = torch.from_numpy(common.query_start_loc[1:].astype(np.int64) - 1)
+            results.append(model.compute_logits(hidden[last]))
+    return results
+
+
+def _weights(info) -> list[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors, biases made non-zero (transformers initializes them to 0)."""
+    from kvport.models.weights import iter_weights
+    generator = torch.Generator().manual_seed(1)
+    return [(n, t + 0.2 * torch.randn(t.shape, generator=generator) if n.endswith(".bias")
+             else t) for n, t in iter_weights(info)]
+
+
+def _sharded_logits(info, model_class, size: int, prompts):
+    shared = _Shared(size)
+    outputs: list = [None] * size
+    errors: list[BaseException] = []
+
+    def rank_main(rank: int) -> None:
+        try:
+            group = ThreadGroup(rank, size, shared)
+            heads = HeadShard.of(info.num_heads, info.num_kv_heads, size, rank)
+            model = build_model(info, model_class, torch.float32, _backend(info, heads), "cpu",
+                                weights=_weights(info), model_kwargs={"tp": group})
+            outputs[rank] = _run(model, info, heads.num_kv_heads, prompts)
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(exc)
+            shared.barrier.abort()
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    assert all(step is None for out in outputs[1:] for step in out), "only rank 0 gets logits"
+    return outputs[0]
+
+
+CASES = {
+    # uneven heads (3 KV heads on 2 ranks), biased o_proj (row-parallel bias), odd vocab
+    "llama-uneven-heads": ("llama", LlamaForCausalLM, 2,
+                           dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
+                                vocab_size=321, attention_bias=True, mlp_bias=True)),
+    # tied embeddings as LM head, MLP channels and vocab not divisible by 3
+    "llama-tied-3-ranks": ("llama", LlamaForCausalLM, 3,
+                           dict(num_attention_heads=6, num_key_value_heads=3, hidden_size=48,
+                                intermediate_size=100, vocab_size=322,
+                                tie_word_embeddings=True)),
+    # per-head q/k norms (Qwen3)
+    "qwen3": ("qwen3", Qwen3ForCausalLM, 2, dict(vocab_size=320)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sharded_model_matches_the_whole_model(case, tmp_path):
+    family, model_class, size, overrides = CASES[case]
+    info = resolve_model(build_tiny_model(str(tmp_path), family, seed=5, **overrides))
+    prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(3 + 5 * i)] for i in range(3)]
+    whole = HeadShard.of(info.num_heads, info.num_kv_heads, 1, 0)
+    model = build_model(info, model_class, torch.float32, _backend(info, whole), "cpu",
+                        weights=_weights(info))
+    expected = _run(model, info, info.num_kv_heads, prompts)
+    got = _sharded_logits(info, model_class, size, prompts)
+    for step_got, step_expected in zip(got, expected):
+        assert step_got.shape == step_expected.shape == (len(prompts), info.vocab_size)
+        torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=2e-5)
+        assert torch.equal(step_got.argmax(-1), step_expected.argmax(-1))
+
+
+def test_checkpoint_shapes_are_checked_before_slicing(tmp_path):
+    from kvport.models.weights import WeightLoadError, iter_weights
+    info = resolve_model(build_tiny_model(str(tmp_path), "llama"))
+    group = TensorParallelGroup(1, 2)          # never communicates: loading only
+    heads = HeadShard.of(info.num_heads, info.num_kv_heads, 2, 1)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(info.hf_config, _backend(info, heads), tp=group)
+    model.to_empty(device="cpu")
+    weights = [(n, t[:, :-1] if n.endswith("o_proj.weight") else t)
+               for n, t in iter_weights(info)]
+    with pytest.raises(WeightLoadError, match=r"o_proj\.weight has shape \(64, 63\), the model "
+                                              r"expects \(64, 64\)"):
+        model.load_weights(weights)
