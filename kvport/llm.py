@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvport.core.config import EngineConfig
+from kvport.core.config import ConfigError, EngineConfig
 from kvport.core.engine import LLMEngine
 from kvport.core.request import RequestOutput
 from kvport.core.sampling_params import InvalidRequestError, SamplingParams
@@ -27,6 +27,10 @@ class LLM:
     def __init__(self, model: str | None = None, device: str | None = None,
                  dtype: str = "auto", registry=None, **kwargs: Any):
         config = EngineConfig.from_kwargs(model=model, device=device, dtype=dtype, **kwargs)
+        if config.parallel.data_parallel_size > 1:
+            raise ConfigError("data_parallel_size > 1 is served by `kvport serve` (replicas "
+                              "behind one HTTP front end); LLM(...) runs one engine: use "
+                              "tensor_parallel_size to spread one model over devices")
         self.engine = LLMEngine(config, registry=registry)
 
     def get_tokenizer(self):
@@ -77,12 +81,10 @@ class LLM:
         progress = _progress_bar(len(request_ids), use_tqdm and len(request_ids) > 1)
         try:
             while len(finished) < len(request_ids):
-                steps_before = self.engine.stats.num_steps
-                for output in self.engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        progress.update(1)
-                if self.engine.stats.num_steps == steps_before:
+                for output in self.engine.step_finished():
+                    finished[output.request_id] = output
+                    progress.update(1)
+                if self.engine.last_step_idle:
                     raise RuntimeError("the scheduler could not schedule any request")
         except BaseException:
             for request_id in request_ids:

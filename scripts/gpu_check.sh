@@ -10,6 +10,8 @@
 #   w1         W1 throughput (kvport), with the ceilings and the roofline ratio
 #   peer       add transformers' continuous batching to w1, in the same run (~3 minutes)
 #   profile    add a kernel-time profile of a short run to w1
+#   compare    add a run of kvport without async scheduling to w1 (for the record)
+#   jax        W1 through kvport-tpu's JAX worker (--device xla, jax with CUDA) on w1's model
 # Results go to $OUT (default /tmp/kvport-gpu-check): tests.log, gpu_report.json,
 # bandwidth.json, w1.json and the logs. The W1 peer and roofline need copies of
 # ../shared/tools/peers_gpu.py and roofline.py in $KVPORT_GPU_TOOLS (default .gpu_tools, a
@@ -115,7 +117,16 @@ if has w1; then
     [ -f "$TOOLS/peers_gpu.py" ] && args+=(--tools "$TOOLS")
     has peer && args+=(--peer)
     has profile && args+=(--profile)
+    has compare && args+=(--compare-sync)
     run w1 $PY plugins/kvport-cuda/bench/w1.py "${args[@]}"
+fi
+if has jax; then
+    $PY -m pip install -q --no-deps --no-build-isolation --no-index -e plugins/kvport-tpu \
+        2>&1 | grep -v "^WARNING: Running pip as" || true
+    [ -d /tmp/kvport-w1-llama ] || $PY plugins/kvport-tpu/bench/gpu_check.py build \
+        /tmp/kvport-w1-llama
+    run jax_w1 $PY plugins/kvport-tpu/bench/gpu_check.py w1 /tmp/kvport-w1-llama \
+        --deadline "${KVPORT_JAX_DEADLINE:-240}" --json "$OUT/jax_w1.json"
 fi
 echo "=== done; failed stages:${failed:- none}"
 [ -z "$failed" ]

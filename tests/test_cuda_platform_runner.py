@@ -46,21 +46,29 @@ BLOCK_SIZE = 16
 
 
 def run_greedy(runner, prompts, max_tokens, *, num_blocks, max_num_batched_tokens,
-               max_num_seqs=8, max_model_len=256):
-    """Drive `runner` with the real scheduler until every prompt has its tokens."""
+               max_num_seqs=8, max_model_len=256, async_scheduling=False):
+    """Drive `runner` with the real scheduler until every prompt has its tokens. With
+    `async_scheduling`, as the engine does: launch a step, then process the previous one."""
     kv = KVCacheManager(num_blocks, BLOCK_SIZE, enable_caching=True)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs,
                                           max_num_batched_tokens=max_num_batched_tokens),
-                          kv, max_model_len)
+                          kv, max_model_len, async_scheduling=async_scheduling)
     requests = [Request(str(i), list(p), SamplingParams(max_tokens=max_tokens, temperature=0.0,
                                                         ignore_eos=True))
                 for i, p in enumerate(prompts)]
     for r in requests:
         scheduler.add_request(r)
     steps = 0
+    in_flight = None
     while scheduler.has_unfinished_requests():
         out = scheduler.schedule()
-        scheduler.update_from_output(runner.execute(out))
+        if not async_scheduling:
+            scheduler.update_from_output(runner.execute(out))
+        else:
+            launched = runner.execute_async(out)     # an empty step only drops freed ones
+            if in_flight is not None:
+                scheduler.update_from_output(in_flight.result())
+            in_flight = None if out.is_empty else launched
         steps += 1
     runner.execute(scheduler.schedule())      # hand the last freed requests to the worker
     return [r.output_token_ids for r in requests], scheduler.num_preemptions, steps
@@ -98,7 +106,11 @@ def hf_greedy(path, prompts, max_tokens):
     return outputs
 
 
-def test_greedy_equals_transformers_through_chunked_prefill_and_preemption(tiny):
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_greedy_equals_transformers_through_chunked_prefill_and_preemption(tiny,
+                                                                           async_scheduling):
+    """Async: each step's inputs include the previous step's sampled ids, written on the
+    device over placeholders (`pending`), in decode and in mixed steps."""
     path, info, backend, model = tiny
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, info.vocab_size, n).tolist() for n in (37, 5, 20, 1)]
@@ -106,7 +118,8 @@ def test_greedy_equals_transformers_through_chunked_prefill_and_preemption(tiny)
     # 24 tokens a step: prompts are chunked and decodes mix with prefill chunks; 5 blocks
     # for 4 requests that need 7 in all forces preemption by recompute.
     got, preemptions, _ = run_greedy(make_runner(info, backend, model, 5), prompts, 6,
-                                     num_blocks=5, max_num_batched_tokens=24)
+                                     num_blocks=5, max_num_batched_tokens=24,
+                                     async_scheduling=async_scheduling)
     assert got == expected
     assert preemptions > 0
 

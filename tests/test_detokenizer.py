@@ -178,23 +178,46 @@ def test_invalid_utf8_tail_flushed_on_finish(tiny_tok):
     assert rest.endswith("\ufffd")
 
 
-def test_window_is_bounded(tiny_tok):
-    """Per-token work is proportional to the window, not to the whole output."""
-    calls = []
-
+def _decode_spy(tiny_tok, calls):
     class Spy:
         def decode(self, ids, **kw):
             calls.append(len(ids))
             return tiny_tok.decode(ids, **kw)
+    return Spy()
 
+
+@pytest.mark.parametrize("stop", [None, ["never appears"]])
+def test_window_is_bounded(tiny_tok, stop):
+    """Streaming (the text read after every token, or stop strings checked on every token):
+    per-token work is proportional to the window, not to the whole output."""
+    calls = []
     ids = encode(tiny_tok, " ".join(TEXTS * 10))
     assert len(ids) > 1000
-    detok = IncrementalDetokenizer(Spy(), encode(tiny_tok, "prompt " * 50), SamplingParams())
+    detok = IncrementalDetokenizer(_decode_spy(tiny_tok, calls), encode(tiny_tok, "prompt " * 50),
+                                   SamplingParams(stop=stop))
+    streamed = ""
     for i in ids:
         detok.update([i])
-    assert detok.output_text == tiny_tok.decode(ids)
+        streamed += detok.get_delta(finished=False)
+    streamed += detok.get_delta(finished=True)
+    assert streamed == detok.output_text == tiny_tok.decode(ids)
     assert max(calls) <= 12
-    assert len(calls) <= 2 * len(ids)
+    assert len(calls) <= 3 * len(ids)   # a split character is retried when the text is read
+
+
+def test_unread_text_is_decoded_once(tiny_tok):
+    """Without stop strings, tokens nobody reads yet are not decoded: an offline caller that
+    reads the text once at the end pays two decode calls, whatever the length."""
+    calls = []
+    ids = encode(tiny_tok, " ".join(TEXTS * 10))
+    detok = IncrementalDetokenizer(_decode_spy(tiny_tok, calls), encode(tiny_tok, "prompt"),
+                                   SamplingParams())
+    for i in ids:
+        assert detok.update([i]) is None
+    assert calls == []
+    detok.finish()
+    assert detok.output_text == tiny_tok.decode(ids)
+    assert len(calls) == 2
 
 
 def test_decode_token(tok):

@@ -230,3 +230,9 @@ def test_other_families_match_transformers_through_the_engine(family, tmp_path):
                 for p in PROMPTS[:4]]
     llm = make_llm(path)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:4], greedy(max_tokens=16))] == expected
+
+
+def test_offline_llm_refuses_replicas(tiny_llama_dir):
+    """Replicas live behind the HTTP front end; LLM(...) must not quietly run one engine."""
+    with pytest.raises(ConfigError, match="data_parallel_size"):
+        LLM(tiny_llama_dir, device="cpu", data_parallel_size=2, distributed_executor="ray")

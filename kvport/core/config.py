@@ -98,6 +98,10 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_waiting_requests: int | None = None
+    # Launch step N+1 before processing step N's output, so the host's scheduling and output
+    # work overlaps the device (results then arrive one step late). None: on where the
+    # worker supports it; True: required (refused on a worker that cannot).
+    async_scheduling: bool | None = None
 
     def validate(self) -> None:
         if self.max_num_seqs < 1:

@@ -30,6 +30,11 @@ class IncrementalDetokenizer:
     `output_text` is the text so far (truncated at a stop string once one matched);
     `update` feeds new tokens and returns the matched stop string, if any; `get_delta` hands
     out the text not yet streamed, withholding a possible stop-string prefix.
+
+    Without stop strings nothing needs the text until someone reads it, so `update` only
+    queues the ids and decoding happens when `output_text` or `get_delta` is read: once per
+    streamed chunk, or once per request for a caller that reads only the final output
+    (offline generation), instead of twice per token.
     """
 
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int],
@@ -40,7 +45,7 @@ class IncrementalDetokenizer:
         self.skip_special_tokens = sampling_params.skip_special_tokens
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
 
-        self.output_text = ""
+        self._text = ""
         # The matched stop string once one was found; later tokens are then ignored.
         self.stop_reason: str | None = None
         self._finished = False
@@ -52,6 +57,14 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_token_ids[-INITIAL_PROMPT_CONTEXT:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+
+    @property
+    def output_text(self) -> str:
+        """The text so far: pending ids are decoded first (a split character stays pending
+        until it completes or the sample finishes)."""
+        if self._read_offset < len(self._ids) and self.stop_reason is None:
+            self._text += self._decode_pending(force=self._finished)
+        return self._text
 
     # ------------------------------------------------------------------ decoding
 
@@ -87,19 +100,19 @@ class IncrementalDetokenizer:
 
     def _check_stop(self, old_len: int) -> str | None:
         """Search the text reachable since `old_len` for the earliest stop string; truncate."""
-        if not self.stop or len(self.output_text) == old_len:
+        if not self.stop or len(self._text) == old_len:
             return None
         start = max(0, old_len - self.max_stop_len + 1)
         best_idx = -1
         best_stop: str | None = None
         for s in self.stop:
-            idx = self.output_text.find(s, start)
+            idx = self._text.find(s, start)
             if idx != -1 and (best_idx == -1 or idx < best_idx):
                 best_idx, best_stop = idx, s
         if best_stop is None:
             return None
         end = best_idx + len(best_stop) if self.include_stop_str_in_output else best_idx
-        self.output_text = self.output_text[:end]
+        self._text = self._text[:end]
         self.stop_reason = best_stop
         return best_stop
 
@@ -110,7 +123,10 @@ class IncrementalDetokenizer:
         text is then truncated at it), else None. Ignored once stopped or finished."""
         if self.stop_reason is not None or self._finished:
             return None
-        old_len = len(self.output_text)
+        if not self.stop:          # nothing to check: decode when the text is read
+            self._ids.extend(int(t) for t in new_token_ids)
+            return None
+        old_len = len(self._text)
         pieces = []
         for token_id in new_token_ids:
             self._ids.append(int(token_id))
@@ -118,7 +134,7 @@ class IncrementalDetokenizer:
             if piece:
                 pieces.append(piece)
         if pieces:
-            self.output_text += "".join(pieces)
+            self._text += "".join(pieces)
         return self._check_stop(old_len)
 
     def finish(self) -> str | None:
@@ -130,8 +146,8 @@ class IncrementalDetokenizer:
         self._finished = True
         if self.stop_reason is not None:
             return None
-        old_len = len(self.output_text)
-        self.output_text += self._decode_pending(force=True)
+        old_len = len(self._text)
+        self._text += self._decode_pending(force=True)
         return self._check_stop(old_len)
 
     def get_delta(self, finished: bool) -> str:

@@ -18,6 +18,7 @@ from kvport.core.request import Request, RequestDelta, RequestOutput, RequestSta
 from kvport.core.sampling_params import InvalidRequestError, SamplingParams
 from kvport.core.scheduler import Scheduler
 from kvport.core.tokenizer import eos_token_ids, load_tokenizer
+from kvport.core.worker import CompletedOutput, ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,11 @@ class LLMEngine:
         self.num_blocks = self._start_worker()
         self.kv_cache = KVCacheManager(self.num_blocks, config.cache.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len)
+        self.async_scheduling = self._resolve_async_scheduling()
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.max_model_len,
+                                   async_scheduling=self.async_scheduling)
+        self._in_flight = None          # the launched step whose output is not processed yet
+        self._last_step_idle = False
         self.stats = EngineStats()
         self._groups: dict[str, RequestGroup] = {}
         self._sample_to_group: dict[str, RequestGroup] = {}
@@ -100,6 +105,13 @@ class LLMEngine:
             raise ConfigError(f"max_model_len {wanted} exceeds the model's limit of "
                               f"{model_limit} positions (max_position_embeddings)")
         return wanted
+
+    def _resolve_async_scheduling(self) -> bool:
+        """`async_scheduling=None` follows the worker's preference. Any worker can be run
+        asynchronously: the default `execute_model_async` meets the contract by finishing the
+        step before it returns."""
+        wanted = self.config.scheduler.async_scheduling
+        return self.worker.prefers_async_scheduling() if wanted is None else bool(wanted)
 
     def _start_worker(self) -> int:
         self.worker.init_device()
@@ -198,16 +210,47 @@ class LLMEngine:
         """Run one step; only what is new since the last call, for streaming."""
         return [self._emit(group, group.take_delta()) for group in self._step()]
 
+    def step_finished(self) -> list[RequestOutput]:
+        """Run one step; the final output of every request that finished in it (offline
+        generation: no per-step output is built, and text is decoded once per request)."""
+        return [self._emit(group, group.to_output()) for group in self._step()
+                if group.finished]
+
+    @property
+    def last_step_idle(self) -> bool:
+        """True when the last step neither ran the model nor received a result: with requests
+        still unfinished, nothing can be scheduled (a caller looping on step() must stop)."""
+        return self._last_step_idle
+
     def _step(self) -> list[RequestGroup]:
-        """Schedule, run the worker once, and return the request groups that moved."""
+        """Schedule, run the worker once, and return the request groups that moved.
+
+        With async scheduling, this step's batch is launched first and the previous step's
+        output is processed while the device runs it: results arrive one step late, and a
+        request that stops (EOS, stop string) has computed one token more, which is dropped.
+        """
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty:
-            if scheduler_output.freed_req_ids:   # the worker must still drop their state
-                self.worker.execute_model(scheduler_output)
+        launched = None
+        if not scheduler_output.is_empty:
+            self._record_kv_waste()
+            if self.async_scheduling:
+                launched = self.worker.execute_model_async(scheduler_output)
+            else:
+                launched = CompletedOutput(self.worker.execute_model(scheduler_output))
+            self.stats.num_steps += 1
+        elif scheduler_output.freed_req_ids:   # the worker must still drop their state
+            self.worker.execute_model(scheduler_output)
+        if self.async_scheduling:
+            previous, self._in_flight = self._in_flight, launched
+        else:
+            previous = launched
+        self._last_step_idle = launched is None and previous is None
+        if previous is None:
             return []
-        self._record_kv_waste()
-        model_output = self.worker.execute_model(scheduler_output)
-        self.stats.num_steps += 1
+        return self._process_output(previous.result())
+
+    def _process_output(self, model_output: ModelRunnerOutput) -> list[RequestGroup]:
+        """Give the sampled tokens to the scheduler, then detokenize and apply stop strings."""
         updated = self.scheduler.update_from_output(model_output)
         self.stats.num_generation_tokens += len(updated)
         rows = row_index(model_output.req_ids)

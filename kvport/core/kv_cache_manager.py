@@ -103,8 +103,10 @@ class KVCacheManager:
         return waste
 
     def _cache_full_blocks(self, request: Request, table: _RequestBlocks, num_tokens: int) -> None:
-        """Register the blocks that `num_tokens` scheduled tokens fill completely."""
-        num_full = min(num_tokens // self.block_size, len(table.blocks))
+        """Register the blocks that `num_tokens` scheduled tokens fill completely. A block
+        completed by a pending token (async scheduling) waits until that token is known."""
+        num_full = min(min(num_tokens, request.num_tokens) // self.block_size,
+                       len(table.blocks))
         if not self.enable_caching or len(table.hashes) >= num_full:
             return
         tokens = request.all_token_ids

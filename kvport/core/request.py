@@ -50,6 +50,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # Sampled in a launched step but not received yet (async scheduling only; 0 or 1 once
+    # outputs are processed, at most 2 while a step is in flight).
+    num_pending_tokens: int = 0
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first scheduling
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING

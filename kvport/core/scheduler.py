@@ -5,6 +5,13 @@ arrival order (one token for a decoding request, a chunk for one still prefillin
 waiting requests while sequence slots and budget remain. When blocks run out, the most
 recently admitted running request is preempted by recompute: its blocks go back to the pool
 and it returns to the front of the queue.
+
+With async scheduling the engine schedules step N+1 before it has seen step N's sampled
+tokens. A request that samples in a step gets a pending token (`num_pending_tokens`), which
+the next step may already take as its input: the worker feeds it from device memory. Tokens
+become known in `update_from_output`. A request is not scheduled past its length limits
+counting pending tokens, and a preempted request is not resumed while one is pending (its
+recompute needs every token).
 """
 from __future__ import annotations
 
@@ -20,8 +27,10 @@ from kvport.core.worker import (CachedRequestData, ModelRunnerOutput, NewRequest
 class Scheduler:
     """Decides, step by step, which tokens of which requests the worker computes."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, max_model_len: int,
+                 async_scheduling: bool = False):
         self.config = config
+        self.async_scheduling = async_scheduling
         self.kv_cache = kv_cache
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -67,7 +76,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if self._pending_reach_limit(request):
+                index += 1          # its last token is in flight: nothing more to compute
+                continue
+            num_new = min(request.num_tokens + request.num_pending_tokens
+                          - request.num_computed_tokens, budget)
             new_block_ids = self.kv_cache.allocate_slots(request, num_new)
             while new_block_ids is None:
                 victim = self.running.pop()
@@ -89,7 +102,7 @@ class Scheduler:
         deferred: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if self._must_wait_for_leader(request):
+            if self._must_wait_for_leader(request) or request.num_pending_tokens:
                 deferred.append(self.waiting.popleft())
                 continue
             computed = self.kv_cache.find_computed_blocks(request)
@@ -123,9 +136,23 @@ class Scheduler:
         return (leader is not None and not leader.is_finished and not leader.prompt_computed
                 and not request.output_token_ids)
 
+    def _pending_reach_limit(self, request: Request) -> bool:
+        """With tokens pending, whether they already take the request to max_tokens or
+        max_model_len (so another step would compute a token that is thrown away)."""
+        pending = request.num_pending_tokens
+        if not pending:
+            return False
+        max_tokens = request.sampling_params.max_tokens
+        return ((max_tokens is not None
+                 and len(request.output_token_ids) + pending >= max_tokens)
+                or request.num_tokens + pending >= self.max_model_len)
+
     def _commit(self, output: SchedulerOutput, request: Request, num_new: int) -> None:
         output.num_scheduled_tokens[request.request_id] = num_new
         request.num_computed_tokens += num_new
+        if (self.async_scheduling and request.num_computed_tokens
+                >= request.num_tokens + request.num_pending_tokens):
+            request.num_pending_tokens += 1      # it samples in this step
 
     def _preempt(self, request: Request) -> None:
         self._release(request)
@@ -148,8 +175,11 @@ class Scheduler:
         updated = []
         for req_id, token_id in zip(model_output.req_ids, model_output.sampled_token_ids):
             request = self.requests.get(req_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            if request is None:
+                continue  # finished or aborted while the step ran: the token is dropped
+            if self.async_scheduling:
+                request.num_pending_tokens -= 1
+            # A request preempted while its token was in flight (async) keeps the token.
             request.output_token_ids.append(token_id)
             updated.append(request)
             status, reason = self._check_stop(request, token_id)

@@ -84,6 +84,24 @@ class ModelRunnerOutput:
     logprobs: SampledLogprobs | None = None
 
 
+class PendingOutput(abc.ABC):
+    """A launched step whose ModelRunnerOutput may not be on the host yet."""
+
+    @abc.abstractmethod
+    def result(self) -> ModelRunnerOutput:
+        """Wait for the step and return its output (the same object on every call)."""
+
+
+class CompletedOutput(PendingOutput):
+    """A step that already finished: what a worker that cannot overlap steps returns."""
+
+    def __init__(self, output: ModelRunnerOutput):
+        self.output = output
+
+    def result(self) -> ModelRunnerOutput:
+        return self.output
+
+
 class Worker(abc.ABC):
     """Runs the model on one device. The engine calls the methods in the order listed.
 
@@ -128,6 +146,26 @@ class Worker(abc.ABC):
 
         Must drop the state of `scheduler_output.freed_req_ids` first.
         """
+
+    def prefers_async_scheduling(self) -> bool:
+        """Whether `execute_model_async` returns before the device finishes, so overlapping
+        the engine's host work with the device pays (the default for `async_scheduling`).
+        Where the host computes the step itself there is nothing to overlap, and results one
+        step late would only cost a wasted token per stopped request."""
+        return False
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        """Launch one step and return at once; the engine calls `result()` on it after
+        launching the next step, so its host work overlaps the device's.
+
+        Contract (async scheduling): the scheduler has already scheduled, as the next input
+        token of each request sampling in the previous launched step, the token that step
+        sampled, before the engine has seen it. The worker must feed that token from where it
+        keeps it (device memory) and must have processed the previous step's output into its
+        own request state by the time it is needed on the host (penalties, preemption). The
+        default runs the step to completion, which satisfies this trivially.
+        """
+        return CompletedOutput(self.execute_model(scheduler_output))
 
     @abc.abstractmethod
     def shutdown(self) -> None:

@@ -13,5 +13,8 @@ class RequestState(WorkerRequestState):
     """The shared per-request record plus the torch worker's own: a seeded generator and the
     sampler's penalty-count cache."""
     generator: torch.Generator | None = None
+    # Sampling is one argmax (greedy, no penalties, min_tokens or logprobs): fixed for the
+    # request's life, so steps check one flag per request instead of six parameters.
+    plain_greedy: bool = False
     # Token-count cache for penalties: built lazily by the sampler, kept in sync on append.
     penalty_counts: dict[int, int] | None = field(default=None, repr=False)

@@ -17,7 +17,7 @@ import torch
 from kvport.attention_backends.interface import AttentionSpec
 from kvport.core.config import ConfigError
 from kvport.core.tensor_parallel import SINGLE_RANK, HeadShard, TensorParallelRank
-from kvport.core.worker import ModelRunnerOutput, SchedulerOutput, Worker
+from kvport.core.worker import ModelRunnerOutput, PendingOutput, SchedulerOutput, Worker
 from kvport.models.tp_group import SINGLE_GROUP
 from kvport.platforms.interface import DTYPE_BYTES
 from kvport.torch_worker.distributed import destroy_tensor_parallel, init_tensor_parallel
@@ -138,6 +138,9 @@ class TorchWorker(Worker):
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        return self.runner.execute_async(scheduler_output)
 
     def shutdown(self) -> None:
         self.runner = None

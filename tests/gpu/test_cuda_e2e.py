@@ -72,15 +72,18 @@ def prompts_for(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
-def test_greedy_fp32_equals_transformers(llama_dir, enforce_eager):
+@pytest.mark.parametrize("enforce_eager, async_scheduling",
+                         [(False, None), (True, None), (False, False)],
+                         ids=["graphs-async", "eager-async", "graphs-sync"])
+def test_greedy_fp32_equals_transformers(llama_dir, enforce_eager, async_scheduling):
     from kvport import LLM, SamplingParams
 
     # A fixed KV budget: other pytest workers share the GPU, so a fraction of its memory
     # may be taken already (the sizing has its own test below).
     llm = LLM(model=llama_dir, device="cuda", dtype="float32", max_num_seqs=8,
               max_num_batched_tokens=96, max_model_len=512, enforce_eager=enforce_eager,
-              kv_cache_memory="2GiB")
+              kv_cache_memory="2GiB", async_scheduling=async_scheduling)
+    assert llm.engine.async_scheduling == (async_scheduling is None)   # the CUDA default
     vocab = llm.engine.model_info.vocab_size
     # 300 tokens: chunked over four steps; short prompts decode while it prefills
     prompts = prompts_for(vocab, (300, 7, 40, 1, 129, 16))
@@ -94,6 +97,44 @@ def test_greedy_fp32_equals_transformers(llama_dir, enforce_eager):
     expected = [hf_greedy(reference, p, 24) for p in prompts]
     assert got == expected
     assert again == expected
+
+
+def test_async_scheduling_equals_synchronous(llama_dir):
+    """The CUDA runner's placeholder inputs (sampled ids fed on the GPU), under preemption,
+    chunked prefill, stop strings, seeded sampling, penalties (which wait for the ids) and
+    logprobs: async outputs equal the synchronous engine's."""
+    from kvport import LLM, SamplingParams
+
+    def run(async_scheduling):
+        llm = LLM(model=llama_dir, device="cuda", dtype="float32", max_num_seqs=8,
+                  max_num_batched_tokens=64, max_model_len=512, num_blocks=40,
+                  async_scheduling=async_scheduling)
+        vocab = llm.engine.model_info.vocab_size
+        prompts = prompts_for(vocab, (200, 7, 40, 1, 129, 16, 90, 33), seed=5)
+        params = [SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                  SamplingParams(max_tokens=30, temperature=0.9, seed=7, ignore_eos=True),
+                  SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.2,
+                                 ignore_eos=True),
+                  SamplingParams(max_tokens=25, temperature=0.0, logprobs=2, ignore_eos=True)]
+        outputs = llm.generate(prompts, [params[i % 4] for i in range(len(prompts))],
+                               use_tqdm=False)
+        texts = [o.outputs[0].text for o in outputs]
+        stop = texts[0][len(texts[0]) // 2:len(texts[0]) // 2 + 3]
+        stopped = llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0.0,
+                                                       ignore_eos=True, stop=[stop]),
+                               use_tqdm=False)
+        preemptions = llm.engine.scheduler.num_preemptions
+        free = llm.engine.kv_cache.pool.num_free_blocks == llm.engine.num_blocks
+        llm.engine.shutdown()
+        return ([o.outputs[0].token_ids for o in outputs], texts,
+                [o.outputs[0].text for o in stopped], preemptions, free)
+
+    got, expected = run(True), run(False)
+    assert got[3] > 0 and expected[3] > 0            # the small cache forced preemption
+    assert got[4] and expected[4]                    # every block came back
+    assert got[:3] == expected[:3]
+    report("async_vs_sync", {"requests": len(got[0]), "preemptions_async": got[3],
+                             "equal": True})
 
 
 def teacher_forced_argmax(model, backend, sequences, prefill: int, block_size: int):

@@ -62,9 +62,20 @@ class StepTimer:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
         self.calls: dict[str, int] = defaultdict(int)
+        self._wrapped: list = []
+
+    def restore(self) -> None:
+        """Undo every wrap (a class attribute wrapped here must not outlive the run)."""
+        for obj, attr, original in reversed(self._wrapped):
+            if original is None:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, original)
+        self._wrapped.clear()
 
     def wrap(self, obj, attr: str, phase: str) -> None:
         fn = getattr(obj, attr)
+        self._wrapped.append((obj, attr, obj.__dict__.get(attr)))
 
         def timed(*args, **kwargs):
             start = time.perf_counter()
@@ -77,45 +88,47 @@ class StepTimer:
 
     def breakdown(self, total: float) -> dict[str, float]:
         s = self.seconds
-        runner = s["graph replay (prep + launch)"] + s["eager forward (prep + launch)"] + \
-            s["sampling (waits for the GPU)"]
         phases = {
             "scheduling": s["schedule"],
-            "worker input preparation": s["worker"] - runner,
-            "graph replay (prep + launch)": s["graph replay (prep + launch)"],
-            "eager forward (prep + launch)": s["eager forward (prep + launch)"],
-            "sampling (waits for the GPU)": s["sampling (waits for the GPU)"],
+            "worker launch (input preparation + kernel launches)": s["launch"],
+            "  of which graph replay": s["graph replay"],
+            "  of which eager forward": s["eager forward"],
+            "waiting for the GPU (sampled ids to the host)": s["wait"],
             "scheduler update": s["update"],
-            "output processing + detokenization": s["step"] - s["schedule"] - s["worker"]
-            - s["update"],
+            "output processing + detokenization": s["step"] - s["schedule"] - s["launch"]
+            - s["wait"] - s["update"],
         }
         phases["outside engine.step"] = total - s["step"]
         return phases
 
 
 def instrument(engine) -> StepTimer:
+    """Time the engine's phases. With async scheduling the host work of a step overlaps the
+    GPU, so "waiting for the GPU" is the time the host had nothing left to do."""
+    from kvport.torch_worker.pending import PendingSample
+
     timer = StepTimer()
     runner = engine.worker.runner
     timer.wrap(engine, "_step", "step")
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.scheduler, "update_from_output", "update")
-    timer.wrap(engine.worker, "execute_model", "worker")
+    timer.wrap(engine.worker, "execute_model_async", "launch")
+    timer.wrap(PendingSample, "result", "wait")
     if getattr(runner, "graphs", None) is not None:
-        timer.wrap(runner.graphs, "run", "graph replay (prep + launch)")
+        timer.wrap(runner.graphs, "run", "graph replay")
     if hasattr(runner, "_forward_eager"):
-        timer.wrap(runner, "_forward_eager", "eager forward (prep + launch)")
-        timer.wrap(runner, "_sample", "sampling (waits for the GPU)")
+        timer.wrap(runner, "_forward_eager", "eager forward")
     return timer
 
 
-def run_kvport(path: str, requests, args) -> dict:
+def run_kvport(path: str, requests, args, async_scheduling: bool = True) -> dict:
     from kvport import LLM, SamplingParams
 
     start = time.perf_counter()
     llm = LLM(model=path, device=args.device, dtype="bfloat16", max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=4096,
               gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager)
+              enforce_eager=args.enforce_eager, async_scheduling=async_scheduling)
     startup = time.perf_counter() - start
     engine = llm.engine
 
@@ -134,7 +147,8 @@ def run_kvport(path: str, requests, args) -> dict:
     result = {"elapsed_s": elapsed, "output_tokens": generated, "steps": steps,
               "output_tok_s": generated / elapsed, "startup_s": startup,
               "num_kv_blocks": engine.num_blocks, "preemptions": engine.scheduler.num_preemptions,
-              "settings": {"max_num_seqs": args.max_num_seqs,
+              "settings": {"async_scheduling": engine.async_scheduling,
+                           "max_num_seqs": args.max_num_seqs,
                            "max_num_batched_tokens": args.max_num_batched_tokens,
                            "enforce_eager": args.enforce_eager,
                            "gpu_memory_utilization": args.gpu_memory_utilization},
@@ -144,6 +158,7 @@ def run_kvport(path: str, requests, args) -> dict:
         result["memory"] = profile.describe()
     if args.profile:
         result["kernels"] = profile_kernels(llm, requests, params)
+    timer.restore()
     engine.shutdown()
     return result
 
@@ -202,6 +217,8 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="also run kvport without async scheduling (for the record)")
     p.add_argument("--profile", action="store_true",
                    help="after the timed run, print GPU time by kernel over a short run")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test (--tiny)")
@@ -233,6 +250,10 @@ def main() -> int:
     model = build_model(args.model_dir, TINY if args.tiny else LLAMA_1B, args.device)
     result["kvport"] = run_kvport(args.model_dir, requests, args)
     print(json.dumps({"kvport": result["kvport"]}, indent=1), flush=True)
+    if args.compare_sync:
+        result["kvport_sync"] = run_kvport(args.model_dir, requests, args,
+                                           async_scheduling=False)
+        print(json.dumps({"kvport_sync": result["kvport_sync"]}, indent=1), flush=True)
     gc.collect()
     if args.device == "cuda":
         torch.cuda.empty_cache()
@@ -250,6 +271,7 @@ def main() -> int:
                                        / result["roofline"]["ceiling_tok_s"])
     summary = {k: result.get(k) for k in ("ratio_vs_hf_cb", "ratio_vs_roofline")}
     summary["kvport_tok_s"] = result["kvport"]["output_tok_s"]
+    summary["kvport_sync_tok_s"] = result.get("kvport_sync", {}).get("output_tok_s")
     summary["hf_cb_tok_s"] = result.get("hf_cb", {}).get("out_tok_s")
     summary["ceiling_tok_s"] = result.get("roofline", {}).get("ceiling_tok_s")
     print("W1 summary: " + json.dumps(summary), flush=True)

@@ -90,10 +90,11 @@ class DecodeGraphs:
         self.host[:, batch:] = 0
         self.host[SLOTS, batch:] = -1
 
-    def run(self, batch: HostBatch, req_ids: list[str],
-            tables: DeviceBlockTables) -> torch.Tensor:
+    def run(self, batch: HostBatch, req_ids: list[str], tables: DeviceBlockTables,
+            patch=None) -> torch.Tensor:
         """Replay the bucket for this decode batch; returns hidden states [B, hidden]
-        (a view of the graph's output, valid until the next replay)."""
+        (a view of the graph's output, valid until the next replay). `patch`, if given,
+        rewrites the token ids on the device before the replay (pending inputs)."""
         n = batch.num_reqs
         size = self.bucket(n)
         host = self.host
@@ -104,6 +105,8 @@ class DecodeGraphs:
         host[ROWS, :n] = [tables.rows[r] for r in req_ids]
         self._fill_padding(n)
         self.staging.to_device(host.reshape(-1), out=self.ints.view(-1))
+        if patch is not None:
+            patch(self.ints[IDS, :n])
         tables.gather(req_ids, out=self.table[:size], rows_device=self.ints[ROWS, :size])
         self.graphs[size].replay()
         return self.outputs[size][:n]

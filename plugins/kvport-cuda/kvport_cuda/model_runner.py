@@ -8,7 +8,9 @@ What differs from `TorchModelRunner` (whose request bookkeeping and sampler it r
 * pure-decode steps replay a captured CUDA graph (`DecodeGraphs`) instead of launching the
   model's kernels one by one; other steps (prefill chunks, mixed batches, batches larger than
   the largest graph, or `enforce_eager`) run eagerly through the same Triton kernels;
-* sampling stays on the GPU (the shared sampler); only the sampled ids come back.
+* sampling stays on the GPU (the shared sampler); only the sampled ids come back, copied
+  in the background: with async scheduling the engine launches the next step first, and
+  that step takes its input tokens from the sampled ids on the GPU (`pending`).
 
 It needs the `triton_paged` backend's kernels (they take device-resident metadata); with any
 other attention backend the worker uses the shared runner instead.
@@ -19,10 +21,12 @@ import numpy as np
 import torch
 
 from kvport.attention_backends.triton_paged import TritonPagedMetadata
-from kvport.core.worker import ModelRunnerOutput, SchedulerOutput
+from kvport.core.worker import (CompletedOutput, ModelRunnerOutput, PendingOutput,
+                                SchedulerOutput)
 from kvport.core.worker_state import scheduled_states
 from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
 from kvport.torch_worker.model_runner import TorchModelRunner
+from kvport.torch_worker.pending import patch_pending_inputs, pending_sources
 from kvport_cuda.block_tables import DeviceBlockTables
 from kvport_cuda.graphs import DecodeGraphs
 from kvport_cuda.host_batch import HostBatch, build_host_batch
@@ -41,6 +45,8 @@ class CudaModelRunner(TorchModelRunner):
         self.max_blocks = -(-max_model_len // block_size)
         self.tables = DeviceBlockTables(max_num_seqs, self.max_blocks, device)
         self.staging = HostStaging(device, torch.int32)
+        self.patch_staging = HostStaging(device, torch.int32)
+        self.index_staging = HostStaging(device, torch.int32)
         self.graphs: DecodeGraphs | None = None
 
     def capture_graphs(self, batch_sizes: list[int]) -> None:
@@ -63,33 +69,67 @@ class CudaModelRunner(TorchModelRunner):
         self.tables.flush()
 
     @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        """Launch the step and return without waiting for the GPU: nothing here copies from
+        the device or from pageable host memory (either would wait for the stream)."""
         self.update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput()
+            return CompletedOutput(ModelRunnerOutput())
         req_ids, states, counts = scheduled_states(self.states, scheduler_output)
         batch = build_host_batch(states, counts, self.block_size)
+        patch = self._pending_patch(batch, req_ids)
         if batch.decode_only and self.graphs is not None and self.graphs.bucket(len(states)):
-            hidden = self.graphs.run(batch, req_ids, self.tables)
+            hidden = self.graphs.run(batch, req_ids, self.tables, patch)
+            logits_indices = None
+            if len(batch.sampling_rows) < len(states):   # a prompt's one-token chunk
+                logits_indices = self.index_staging.to_device(
+                    batch.logits_indices.astype(np.int32)).long()
         else:
-            hidden = self._forward_eager(batch, req_ids)
+            hidden, logits_indices = self._forward_eager(batch, req_ids, patch)
         for state, count in zip(states, counts):
             state.num_computed_tokens += count
         if not batch.sampling_rows:
-            return ModelRunnerOutput()
-        return self._sample(hidden, batch, [req_ids[i] for i in batch.sampling_rows])
+            return CompletedOutput(ModelRunnerOutput())
+        if len(batch.sampling_rows) < hidden.shape[0]:
+            hidden = hidden[logits_indices]     # only the rows that sample (prefill ends)
+        return self.sample(self.model.compute_logits(hidden),
+                           [req_ids[i] for i in batch.sampling_rows])
 
-    def _forward_eager(self, batch: HostBatch, req_ids: list[str]) -> torch.Tensor:
+    def _pending_patch(self, batch: HostBatch, req_ids: list[str]):
+        """A function writing the previous step's sampled ids into this step's placeholder
+        inputs on the device (None when every input is known on the host)."""
+        qsl = None
+        if not batch.decode_only:
+            qsl = np.zeros(batch.num_reqs + 1, dtype=np.int64)
+            np.cumsum(batch.query_lens, out=qsl[1:])
+        sources = pending_sources(batch.input_ids, qsl, req_ids, self.previous)
+        if sources is None:
+            return None
+        holes, rows = sources
+        packed = self.patch_staging.to_device(np.concatenate([holes, rows]).astype(np.int32))
+        k = holes.size
+        previous = self.previous
+
+        def patch(input_ids: torch.Tensor) -> None:
+            patch_pending_inputs(input_ids, packed[:k].long(), packed[k:].long(), previous)
+        return patch
+
+    def _forward_eager(self, batch: HostBatch, req_ids: list[str], patch=None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every integer input in one copy, the block table gathered on the GPU, then the
-        model's kernels launched one by one."""
+        model's kernels launched one by one. Returns the hidden states and, on the device,
+        the index of each sampling row's last token."""
         parts = [batch.input_ids, batch.positions, batch.slot_mapping, batch.seq_lens,
-                 np.fromiter((self.tables.rows[r] for r in req_ids), np.int32, len(req_ids))]
+                 np.fromiter((self.tables.rows[r] for r in req_ids), np.int32, len(req_ids)),
+                 batch.logits_indices.astype(np.int32)]
         if not batch.decode_only:
             qsl = np.zeros(batch.num_reqs + 1, dtype=np.int32)
             np.cumsum(batch.query_lens, out=qsl[1:])
             parts += [qsl, *self.attn_backend.prefill_tiles(batch.query_lens)]
         views = self.staging.parts_to_device(parts)
-        ids, positions, slots, seq_lens, rows = views[:5]
+        ids, positions, slots, seq_lens, rows, logits_indices = views[:6]
+        if patch is not None:
+            patch(ids)
         table = self.tables.gather(req_ids, rows_device=rows)
         metadata = TritonPagedMetadata(slot_mapping=slots, seq_lens=seq_lens, block_table=table,
                                        decode_only=batch.decode_only)
@@ -97,20 +137,6 @@ class CudaModelRunner(TorchModelRunner):
             metadata.num_splits = self.attn_backend.num_splits(
                 batch.num_reqs, int(batch.seq_lens.max()), self.device)
         else:
-            metadata.query_start_loc, metadata.tile_req, metadata.tile_q0 = views[5:]
-        return self.model(ids, positions, self.kv_caches, metadata)
-
-    def _sample(self, hidden: torch.Tensor, batch: HostBatch,
-                sampling_req_ids: list[str]) -> ModelRunnerOutput:
-        if len(sampling_req_ids) == hidden.shape[0]:
-            selected = hidden                      # every row samples (decode): no gather
-        else:
-            selected = hidden[torch.from_numpy(batch.logits_indices).to(self.device)]
-        logits = self.model.compute_logits(selected)
-        sampling_states = [self.states[r] for r in sampling_req_ids]
-        token_ids, logprobs = self.sample_or_receive(logits, sampling_states)
-        sampled = token_ids.tolist()
-        for state, token_id in zip(sampling_states, sampled):
-            state.output_token_ids.append(token_id)
-        return ModelRunnerOutput(req_ids=sampling_req_ids, sampled_token_ids=sampled,
-                                 logprobs=logprobs)
+            metadata.query_start_loc, metadata.tile_req, metadata.tile_q0 = views[6:]
+        hidden = self.model(ids, positions, self.kv_caches, metadata)
+        return hidden, logits_indices.long()

@@ -69,6 +69,10 @@ class CudaWorker(TorchWorker):
                                            self.device, cache.block_size, info.vocab_size,
                                            tp=self.tp)
 
+    def prefers_async_scheduling(self) -> bool:
+        """The CUDA runner returns before the GPU finishes: overlap pays."""
+        return isinstance(self.runner, CudaModelRunner)
+
     def warm_up(self) -> None:
         """Capture the decode CUDA graphs (unless enforce_eager or another runner)."""
         if self.config.device.enforce_eager or not isinstance(self.runner, CudaModelRunner):

@@ -121,7 +121,7 @@ def run_w1(args) -> int:
                                                         ignore_eos=True))
     steps, complete = 0, True
     while engine.has_unfinished_requests():
-        engine.step()
+        engine.step_finished()          # as LLM.generate: no per-step outputs are built
         steps += 1
         if steps % 100 == 0:
             print(f"step {steps}: {time.perf_counter() - start:.1f} s, "
