@@ -15,11 +15,13 @@ parent's sentinel fires while a step is stuck in a collective).
 """
 from __future__ import annotations
 
+import faulthandler
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import threading
 import traceback
 from dataclasses import dataclass
@@ -51,6 +53,8 @@ def run_worker_process(spec: WorkerProcessSpec, conn) -> None:
     logging.basicConfig(level=os.environ.get("KVPORT_LOG_LEVEL", "INFO"),
                         format=f"%(levelname)s tp{spec.parallel.rank} %(name)s: %(message)s")
     _exit_with_parent()
+    # `kill -USR1 PID` prints every thread's stack: what a rank waits on when a step hangs
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         worker = _build_worker(spec)
     except BaseException as exc:

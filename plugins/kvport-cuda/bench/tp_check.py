@@ -21,8 +21,8 @@ bf16 model, for agreement and for throughput, in one run.
 Progress lines carry a timestamp. Results go to --json after every phase. --deadline (seconds
 from the start) ends the timed runs early with partial figures (TP=1's run leaves room for
 TP=2's start-up and an equal run) and skips what no longer fits;
-a watchdog writes the JSON, dumps every thread's stack and exits 3 if the process is still
-running 60 s past it (a hang). Exit 0: all phases ran; 1: a phase failed (error and
+a watchdog writes the JSON, dumps every thread's stack (the TP ranks' too) and exits 3 if the
+process is still running 60 s past it (a hang). Exit 0: all phases ran; 1: a phase failed (error and
 traceback in the JSON); 2: cut by the deadline.
 """
 from __future__ import annotations
@@ -31,7 +31,9 @@ import argparse
 import faulthandler
 import gc
 import json
+import multiprocessing
 import os
+import signal
 import sys
 import threading
 import time
@@ -90,9 +92,13 @@ def start_watchdog(args, report: Report) -> None:
 
     def fire() -> None:
         log("watchdog: still running 60 s past the deadline; dumping stacks and exiting")
-        faulthandler.dump_traceback(all_threads=True)
         report.data["watchdog"] = "fired: the run hung past its deadline"
         report.write()
+        faulthandler.dump_traceback(all_threads=True)
+        for child in multiprocessing.active_children():      # the TP ranks print theirs
+            log(f"watchdog: stacks of {child.name} (pid {child.pid}):")
+            os.kill(child.pid, signal.SIGUSR1)
+        time.sleep(3)
         os._exit(3)
     timer = threading.Timer(max(remaining(args) + 60, 1), fire)
     timer.daemon = True
