@@ -1,59 +1,19 @@
-"""The Gaudi worker: the shared torch worker on the `hpu` device, with every step padded to
-bucketed shapes and the model in HPU graphs where they apply.
-
-Padding a step's tokens needs somewhere for the padding tokens' keys and values to go: the
-worker allocates one block more than the engine manages and points every padding slot at it.
-"""
+"""The Gaudi worker: the shared padded-step torch worker on the `hpu` device, with the model
+in HPU graphs where they apply."""
 from __future__ import annotations
 
 import torch
 
-from kvport.torch_worker.worker import TorchWorker
+from kvport.torch_worker.padded_worker import PaddedStepWorker
 from kvport_gaudi.graphs import maybe_wrap
 
 
-class PaddedStepModel(torch.nn.Module):
-    """The model run on the step's tokens padded to the attention metadata's token bucket
-    (`num_padded_tokens`); returns the real tokens' hidden states."""
-
-    def __init__(self, model: torch.nn.Module, step: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.step = step          # `model`, or `model` wrapped in HPU graphs
-
-    def forward(self, input_ids, positions, kv_caches, attn_metadata):
-        T = input_ids.shape[0]
-        pad = attn_metadata.num_padded_tokens - T
-        if pad > 0:
-            input_ids = torch.nn.functional.pad(input_ids, (0, pad))
-            positions = torch.nn.functional.pad(positions, (0, pad))
-        return self.step(input_ids, positions, kv_caches, attn_metadata)[:T]
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
-
-
-class GaudiWorker(TorchWorker):
+class GaudiWorker(PaddedStepWorker):
     """Runs the model on one Gaudi (the habana_frameworks bridge's current device)."""
 
     def torch_device(self) -> torch.device:
         return torch.device("hpu")
 
-    def pads_tokens(self) -> bool:
-        """True when the attention backend pads steps to buckets (hpu_flat does)."""
-        return callable(getattr(self.attn_backend, "enable_token_padding", None))
-
-    def determine_available_kv_blocks(self) -> int:
-        blocks = super().determine_available_kv_blocks()
-        return max(blocks - 1, 0) if self.pads_tokens() else blocks
-
-    def initialize_kv_cache(self, num_blocks: int) -> None:
-        """The shared worker's cache and runner, with one block more (the padding tokens')
-        and the runner's model replaced by the padded, graph-wrapped step."""
-        if not self.pads_tokens():
-            super().initialize_kv_cache(num_blocks)
-            return
-        super().initialize_kv_cache(num_blocks + 1)
-        self.attn_backend.enable_token_padding(pad_slot=num_blocks * self.config.cache.block_size)
-        self.runner.model = PaddedStepModel(
-            self.model, maybe_wrap(self.model, self.config.device.enforce_eager))
+    def wrap_step(self, model: torch.nn.Module) -> torch.nn.Module:
+        """HPU graphs, unless unavailable or --enforce-eager."""
+        return maybe_wrap(model, self.config.device.enforce_eager)
