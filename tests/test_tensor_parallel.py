@@ -67,8 +67,37 @@ def test_tp2_matches_tp1_on_smollm2(smollm2_path):
     _assert_all_ended(two.engine.worker)
 
 
-def test_killed_worker_ends_the_engine_with_a_clear_error(tiny_llama_dir):
-    llm = LLM(tiny_llama_dir, tensor_parallel_size=2, **TINY)
+def test_async_steps_through_the_executor_match_tp1(tiny_llama_dir):
+    """Async scheduling with TP=2: each rank launches step N+1 before finishing step N, rank 0
+    answers each launch with the previous step's output, and the ranks feed pending tokens
+    from their own (broadcast) sampled ids. Greedy, seeded, penalty and stop-string requests
+    in one batch under preemption must give TP=1's synchronous results."""
+    prompts = [[(7 * i + j * j) % 300 + 3 for j in range(5 + 9 * i)] for i in range(6)]
+    params = [_greedy(20, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=5, max_tokens=16, ignore_eos=True),
+              _greedy(12, repetition_penalty=1.3, ignore_eos=True)]
+    per_prompt = [params[i % 3] for i in range(len(prompts))]
+    small = dict(TINY, num_blocks=10, block_size=16, max_model_len=128)
+    one = LLM(tiny_llama_dir, async_scheduling=False, **small)
+    expected = _tokens(one, prompts, per_prompt)
+    one.engine.shutdown()
+    two = LLM(tiny_llama_dir, tensor_parallel_size=2, async_scheduling=True, **small)
+    try:
+        assert two.engine.async_scheduling
+        assert _tokens(two, prompts, per_prompt) == expected
+        assert two.engine.scheduler.num_preemptions > 0
+        pool = two.engine.kv_cache.pool
+        assert pool.num_free_blocks == pool.num_blocks
+        assert _tokens(two, prompts[:2], _greedy(6)) == _tokens(two, prompts[:2], _greedy(6))
+    finally:
+        two.engine.shutdown()
+    _assert_all_ended(two.engine.worker)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
+def test_killed_worker_ends_the_engine_with_a_clear_error(tiny_llama_dir, async_scheduling):
+    llm = LLM(tiny_llama_dir, tensor_parallel_size=2, async_scheduling=async_scheduling,
+              **TINY)
     executor = llm.engine.worker
     try:
         assert len(_tokens(llm, [[5, 6, 7]], _greedy(4, ignore_eos=True))[0]) == 4

@@ -9,6 +9,8 @@ model (kvport/core/executor_process.py):
 
 Every call goes to every rank in the same order, so the ranks meet in the same collectives.
 Rank 0's answer is the step's output; the KV block count is the smallest any rank can hold.
+With async scheduling a launch is sent without waiting, and rank 0's answer to it carries
+the previous step's output (executor_process.py), read when the engine asks for that step.
 
 Supervision: every wait watches every process's sentinel as well as its pipe, so a rank that
 dies (killed, out of memory, crashed in a kernel) or raises is noticed at once, during the
@@ -25,6 +27,7 @@ import pickle
 import signal
 import socket
 import weakref
+from collections import deque
 from typing import Any
 
 from kvport.core.config import ConfigError, EngineConfig
@@ -32,7 +35,7 @@ from kvport.core.executor_process import (FIRST_RANK_ONLY, WorkerProcessSpec,
                                           run_worker_process)
 from kvport.core.model_info import ModelInfo
 from kvport.core.tensor_parallel import TensorParallelRank, check_model_fits
-from kvport.core.worker import ModelRunnerOutput, SchedulerOutput, Worker
+from kvport.core.worker import ModelRunnerOutput, PendingOutput, SchedulerOutput, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,12 @@ class MultiprocExecutor(Worker):
         self.processes: list = []
         self._conns: list = []
         self._failure: str | None = None
+        # Async steps: which launched step each of rank 0's awaited answers carries (None:
+        # an answer with no output), the step the ranks hold, and outputs received early.
+        self._expected: deque[int | None] = deque()
+        self._rank_pending: int | None = None
+        self._outputs: dict[int, ModelRunnerOutput] = {}
+        self._next_step = 0
         self._start(size)
 
     # ----------------------------------------------------------------- start-up
@@ -134,6 +143,46 @@ class MultiprocExecutor(Worker):
         """Every rank runs the step; rank 0 (which sampled) answers."""
         return self._call("execute_model", scheduler_output)[0]
 
+    def prefers_async_scheduling(self) -> bool:
+        """Overlap pays when it pays for every rank's worker."""
+        return all(self._call("prefers_async_scheduling"))
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> PendingOutput:
+        """Every rank launches the step; nothing is awaited here. Rank 0's answer to this call
+        is the previous step's output, collected when the engine asks for it."""
+        step = self._next_step
+        self._next_step += 1
+        self._send("execute_model_async", scheduler_output)
+        self._expected.append(self._rank_pending)
+        self._rank_pending = step
+        return _ExecutorStep(self, step)
+
+    def _step_output(self, step: int) -> ModelRunnerOutput:
+        """The output of launched step `step`, reading rank 0's answers in order."""
+        while step not in self._outputs:
+            if not self._expected:
+                self._flush()
+            carried = self._expected.popleft()
+            answer = self._receive([0], "execute_model_async")[0]
+            if carried is not None:
+                self._outputs[carried] = answer
+        return self._outputs.pop(step)
+
+    def _flush(self) -> None:
+        self._send("flush_pending")
+        self._expected.append(self._rank_pending)
+        self._rank_pending = None
+
+    def _drain(self) -> None:
+        """Collect every launched step's output before a call that is not a step."""
+        if self._rank_pending is not None:
+            self._flush()
+        while self._expected:
+            carried = self._expected.popleft()
+            answer = self._receive([0], "flush_pending")[0]
+            if carried is not None:
+                self._outputs[carried] = answer
+
     def shutdown(self) -> None:
         """Ask every rank to leave, then make sure each has (SIGTERM, then SIGKILL)."""
         if self._failure is not None:
@@ -150,6 +199,13 @@ class MultiprocExecutor(Worker):
     # ------------------------------------------------------------------ calls
     def _call(self, method: str, *args: Any) -> list:
         """Send `method(*args)` to every rank; the answers of those that answer, by rank."""
+        self._drain()
+        self._send(method, *args)
+        answering = [0] if method in FIRST_RANK_ONLY else range(self.size)
+        return self._receive(answering, method)
+
+    def _send(self, method: str, *args: Any) -> None:
+        """`method(*args)` to every rank, in the same order for all (pickled once)."""
         if self._failure is not None:
             raise WorkerDiedError(self._failure)
         payload = pickle.dumps((method, args), pickle.HIGHEST_PROTOCOL)
@@ -158,8 +214,6 @@ class MultiprocExecutor(Worker):
                 conn.send_bytes(payload)
             except OSError:
                 self._fail_dead(rank, method)
-        answering = [0] if method in FIRST_RANK_ONLY else range(self.size)
-        return self._receive(answering, method)
 
     def _receive(self, ranks, method: str) -> list:
         """One answer from each of `ranks`, watching every rank's pipe and sentinel."""
@@ -263,3 +317,17 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _ExecutorStep(PendingOutput):
+    """A step launched on every rank; rank 0's output arrives with a later answer."""
+
+    def __init__(self, executor: MultiprocExecutor, step: int):
+        self.executor = executor
+        self.step = step
+        self.output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self.output is None:
+            self.output = self.executor._step_output(self.step)
+        return self.output

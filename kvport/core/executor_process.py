@@ -7,8 +7,14 @@ calls from the executor's pipe until told to shut down:
     process -> executor   ("ok", result) | ("error", exception or None, "Type: message",
                           traceback text)
 
-Rank 0 answers every call; the other ranks do not answer `execute_model` (their output is
-rank 0's), only the calls whose result the executor combines. Any exception is reported and
+Rank 0 answers every call; the other ranks do not answer the step calls (their output is
+rank 0's), only the calls whose result the executor combines.
+
+Async scheduling: `execute_model_async` launches a step and answers with the output of the
+step launched before it (None if there was none), so each rank finishes step N only after
+step N+1 is queued on its device; `flush_pending` answers with the last launched step's
+output. Every rank resolves its steps in the same order, so the placeholders in each rank's
+request state are filled the same way. Any exception is reported and
 ends the process: a rank that failed mid-step has left its peers inside a collective, so the
 group cannot go on. The process also ends when its parent does (the pipe closes, or the
 parent's sentinel fires while a step is stuck in a collective).
@@ -34,9 +40,12 @@ logger = logging.getLogger(__name__)
 
 # The Worker interface methods the executor forwards, in the engine's order.
 WORKER_METHODS = ("init_device", "load_model", "determine_available_kv_blocks",
-                  "initialize_kv_cache", "warm_up", "execute_model", "shutdown")
+                  "initialize_kv_cache", "warm_up", "prefers_async_scheduling",
+                  "execute_model", "shutdown")
+# Async steps, served by the process loop itself (see the module docstring).
+STEP_METHODS = ("execute_model_async", "flush_pending")
 # Calls only rank 0 answers.
-FIRST_RANK_ONLY = ("execute_model",)
+FIRST_RANK_ONLY = ("execute_model",) + STEP_METHODS
 
 
 @dataclass
@@ -62,15 +71,19 @@ def run_worker_process(spec: WorkerProcessSpec, conn) -> None:
         return
     conn.send_bytes(pickle.dumps(("ok", None)))
     answers_steps = spec.parallel.is_first
+    steps = _AsyncSteps(worker)
     while True:
         try:
             method, args = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):
             return          # the executor is gone: nothing left to serve
         try:
-            if method not in WORKER_METHODS:
+            if method in STEP_METHODS:
+                result = getattr(steps, method)(*args)
+            elif method in WORKER_METHODS:
+                result = getattr(worker, method)(*args)
+            else:
                 raise ValueError(f"unknown worker method {method!r}")
-            result = getattr(worker, method)(*args)
         except BaseException as exc:
             _send_error(conn, exc)
             return
@@ -78,6 +91,27 @@ def run_worker_process(spec: WorkerProcessSpec, conn) -> None:
             conn.send_bytes(pickle.dumps(("ok", result), pickle.HIGHEST_PROTOCOL))
         if method == "shutdown":
             return
+
+
+class _AsyncSteps:
+    """A rank's launched step whose output is not collected yet."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.pending = None
+
+    def execute_model_async(self, scheduler_output):
+        """Launch this step, then finish the previous one: its output (None if none)."""
+        launched = self.worker.execute_model_async(scheduler_output)
+        return self._swap(launched)
+
+    def flush_pending(self):
+        """Finish the last launched step: its output (None if none)."""
+        return self._swap(None)
+
+    def _swap(self, launched):
+        previous, self.pending = self.pending, launched
+        return None if previous is None else previous.result()
 
 
 def _build_worker(spec: WorkerProcessSpec):
