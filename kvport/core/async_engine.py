@@ -71,7 +71,8 @@ class AsyncLLMEngine:
             raise EngineStartupError(f"{self._exit_description()} during start-up") from None
         if isinstance(message, StartupFailed):
             self._process.join(5)
-            raise EngineStartupError(message.message + "\n" + message.traceback)
+            raise EngineStartupError("\n".join(filter(None, (message.message,
+                                                              message.traceback))))
         assert isinstance(message, Ready)
         self.info = message.info
         threading.Thread(target=self._send_loop, name="kvport-engine-send", daemon=True).start()

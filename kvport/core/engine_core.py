@@ -105,7 +105,10 @@ def run_engine_core(config: EngineConfig, conn) -> None:
     try:
         engine = LLMEngine(config)
     except BaseException as exc:  # reported to the parent, which exits with the message
-        conn.send(StartupFailed(f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+        # Bad input (configuration, device choice, model files) is said in one message; a
+        # traceback is for bugs.
+        trace = "" if _is_user_error(exc) else traceback.format_exc()
+        conn.send(StartupFailed(f"{type(exc).__name__}: {exc}", trace))
         return
     conn.send(Ready(engine_info(engine)))
     try:
@@ -117,6 +120,11 @@ def run_engine_core(config: EngineConfig, conn) -> None:
         raise
     finally:
         engine.shutdown()
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    from kvport.platforms.errors import PlatformSelectionError
+    return isinstance(exc, (ValueError, PlatformSelectionError))
 
 
 class EngineCoreLoop:
