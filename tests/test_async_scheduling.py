@@ -145,3 +145,11 @@ def test_mixed_sampling_in_one_batch_under_preemption(tiny_llama_dir, pair):
     assert token_ids(got) == token_ids(expected)
     assert_clean(tight)
 
+
+
+@pytest.mark.parametrize("flags, expected", [([], None), (["--async-scheduling"], True),
+                                             (["--no-async-scheduling"], False)])
+def test_cli_flag_reaches_the_config(flags, expected):
+    from kvport.api.cli import build_parser, engine_config_from_args
+    args = build_parser().parse_args(["serve", *flags])
+    assert engine_config_from_args(args).scheduler.async_scheduling is expected

@@ -15,6 +15,7 @@ ENGINE_OPTIONS = {
     "gpu_memory_utilization": "gpu_memory_utilization", "num_blocks": "num_blocks",
     "max_waiting_requests": "max_waiting_requests", "attention_backend": "attention_backend",
     "num_threads": "num_threads", "enforce_eager": "enforce_eager", "seed": "seed",
+    "async_scheduling": "async_scheduling",
     "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
     "tensor_parallel_size": "tensor_parallel_size",
@@ -59,6 +60,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--num-threads", type=int, help="CPU threads for the model")
     group.add_argument("--enforce-eager", action="store_true", default=None,
                        help="never capture graphs (CUDA/HIP graphs); run every step eagerly")
+    group.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="launch each step before the previous step's output is processed, "
+                            "overlapping host work with the device (default: the platform's "
+                            "choice: on for CUDA, off for the CPU)")
     group.add_argument("--seed", type=int, default=0, help="global random seed (default: 0)")
     group.add_argument("--tokenizer", help="tokenizer directory, if not the model's")
     group.add_argument("--max-waiting-requests", type=int,
