@@ -67,6 +67,19 @@ class CommonAttentionMetadata:
     def query_lens(self) -> np.ndarray:
         return np.diff(self.query_start_loc)
 
+    def decode_and_prefill_requests(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the requests with one query token (decodes) and with more (prefill
+        chunks): the two groups backends that batch by shape plan separately."""
+        query_lens = self.query_lens
+        return np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)
+
+    def padded_slot_mapping(self, num_padded: int, pad_slot: int | None) -> np.ndarray:
+        """int64 slots for `num_padded` tokens: the step's own, then `pad_slot` (0 when None)
+        for the padding tokens of a bucketed step."""
+        slots = np.full(num_padded, pad_slot if pad_slot is not None else 0, np.int64)
+        slots[:self.num_tokens] = self.slot_mapping
+        return slots
+
     @property
     def max_query_len(self) -> int:
         return int(self.query_lens.max()) if self.num_reqs else 0

@@ -162,10 +162,7 @@ class MultiprocExecutor(Worker):
         while step not in self._outputs:
             if not self._expected:
                 self._flush()
-            carried = self._expected.popleft()
-            answer = self._receive([0], "execute_model_async")[0]
-            if carried is not None:
-                self._outputs[carried] = answer
+            self._receive_step_answer()
         return self._outputs.pop(step)
 
     def _flush(self) -> None:
@@ -178,10 +175,14 @@ class MultiprocExecutor(Worker):
         if self._rank_pending is not None:
             self._flush()
         while self._expected:
-            carried = self._expected.popleft()
-            answer = self._receive([0], "flush_pending")[0]
-            if carried is not None:
-                self._outputs[carried] = answer
+            self._receive_step_answer()
+
+    def _receive_step_answer(self) -> None:
+        """Rank 0's next answer to a launch or flush: the output of the step it carries."""
+        carried = self._expected.popleft()
+        answer = self._receive([0], "execute_model_async")[0]
+        if carried is not None:
+            self._outputs[carried] = answer
 
     def shutdown(self) -> None:
         """Ask every rank to leave, then make sure each has (SIGTERM, then SIGKILL)."""

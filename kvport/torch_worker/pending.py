@@ -13,6 +13,7 @@ import torch
 
 from kvport.core.worker import ModelRunnerOutput, PendingOutput, SampledLogprobs
 from kvport.torch_worker.request_state import RequestState
+from kvport.torch_worker.sampler import has_penalties
 
 PLACEHOLDER = -1
 
@@ -94,7 +95,5 @@ def needs_known_outputs(states: list[RequestState]) -> bool:
     counts every row's output tokens) while one of them is still a placeholder."""
     if all(s.plain_greedy for s in states):
         return False
-    penalties = any(s.sampling_params.repetition_penalty != 1.0
-                    or s.sampling_params.frequency_penalty or s.sampling_params.presence_penalty
-                    for s in states)
-    return penalties and any(s.output_token_ids[-1:] == [PLACEHOLDER] for s in states)
+    return (any(has_penalties(s.sampling_params) for s in states)
+            and any(s.output_token_ids[-1:] == [PLACEHOLDER] for s in states))

@@ -122,8 +122,7 @@ class SamplingMetadata:
         pres = [float(p.presence_penalty) for p in params]
         rep_t = freq_t = pres_t = prompt_t = output_t = None
         any_rep = any(abs(x - 1.0) > SAMPLING_EPS for x in rep)
-        any_freq_pres = any(abs(x) > SAMPLING_EPS for x in freq + pres)
-        if any_rep or any_freq_pres:
+        if any(has_penalties(p) for p in params):
             rep_t = tensor(rep, torch.float32)
             freq_t = tensor(freq, torch.float32)
             pres_t = tensor(pres, torch.float32)
@@ -159,11 +158,18 @@ class SamplingMetadata:
             num_unseeded_random=num_unseeded, max_num_logprobs=max_num_logprobs)
 
 
+def has_penalties(params) -> bool:
+    """Whether a repetition, frequency or presence penalty applies (the sampler then reads
+    every row's output ids)."""
+    return (abs(params.repetition_penalty - 1.0) > SAMPLING_EPS
+            or abs(params.frequency_penalty) > SAMPLING_EPS
+            or abs(params.presence_penalty) > SAMPLING_EPS)
+
+
 def is_plain_greedy(params) -> bool:
     """Greedy with no penalties, no min_tokens and no logprobs: the sampler is one argmax."""
     return (params.temperature < SAMPLING_EPS and params.logprobs is None
-            and not params.min_tokens and params.repetition_penalty == 1.0
-            and not params.frequency_penalty and not params.presence_penalty)
+            and not params.min_tokens and not has_penalties(params))
 
 
 def _padded(lists: list[list[int]], pad: int, device) -> torch.Tensor:

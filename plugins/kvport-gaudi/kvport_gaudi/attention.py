@@ -110,14 +110,11 @@ class GaudiPagedBackend(AttentionBackend):
         spec, buckets = self.spec, self.buckets
         T = common.num_tokens
         padded = T if self.pad_slot is None else buckets.tokens(T)
-        slots = np.full(padded, self.pad_slot if self.pad_slot is not None else 0, np.int64)
-        slots[:T] = common.slot_mapping
+        slots = common.padded_slot_mapping(padded, self.pad_slot)
         qsl = common.query_start_loc.astype(np.int64)
-        query_lens = np.diff(qsl)
         args = (qsl, common.seq_lens, common.block_table, spec.block_size, spec.sliding_window,
                 buckets, padded)                               # row `padded`: the dummy row
-        decode_reqs = np.flatnonzero(query_lens == 1)
-        prefill_reqs = np.flatnonzero(query_lens > 1)
+        decode_reqs, prefill_reqs = common.decode_and_prefill_requests()
         decode = plan_decode(decode_reqs, *args) if decode_reqs.size else None
         prefill = plan_prefill(prefill_reqs, *args) if prefill_reqs.size else None
 

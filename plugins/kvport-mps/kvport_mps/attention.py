@@ -88,9 +88,8 @@ class MpsSdpaBackend(AttentionBackend):
     def build_metadata(self, common: CommonAttentionMetadata, device) -> MpsSdpaMetadata:
         spec = self.spec
         qsl = common.query_start_loc.astype(np.int64)
-        query_lens = np.diff(qsl)
         batches = []
-        for reqs in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
+        for reqs in common.decode_and_prefill_requests():
             if not reqs.size:
                 batches.append(None)
                 continue

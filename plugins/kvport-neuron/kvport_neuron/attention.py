@@ -102,12 +102,10 @@ class NeuronPagedBackend(AttentionBackend):
         spec = self.spec
         T = common.num_tokens
         padded = T if self.pad_slot is None else self.buckets.tokens(T)
-        slots = np.full(padded, self.pad_slot or 0, dtype=np.int64)
-        slots[:T] = common.slot_mapping
+        slots = common.padded_slot_mapping(padded, self.pad_slot)
         qsl = common.query_start_loc.astype(np.int64)
-        query_lens = np.diff(qsl)
         batches = []
-        for reqs in (np.flatnonzero(query_lens == 1), np.flatnonzero(query_lens > 1)):
+        for reqs in common.decode_and_prefill_requests():
             if not reqs.size:
                 batches.append(None)
                 continue
