@@ -99,8 +99,8 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_waiting_requests: int | None = None
     # Launch step N+1 before processing step N's output, so the host's scheduling and output
-    # work overlaps the device (results then arrive one step late). None: on where the
-    # worker supports it; True: required (refused on a worker that cannot).
+    # work overlaps the device (results then arrive one step late). None: the worker's
+    # preference (on for CUDA, off for the CPU); True / False: forced.
     async_scheduling: bool | None = None
 
     def validate(self) -> None:

@@ -1,7 +1,7 @@
 """What the torch worker remembers about each request between steps."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -10,11 +10,9 @@ from kvport.core.worker_state import WorkerRequestState
 
 @dataclass
 class RequestState(WorkerRequestState):
-    """The shared per-request record plus the torch worker's own: a seeded generator and the
-    sampler's penalty-count cache."""
+    """The shared per-request record plus the torch worker's own: a seeded generator and
+    whether sampling it is a plain argmax."""
     generator: torch.Generator | None = None
     # Sampling is one argmax (greedy, no penalties, min_tokens or logprobs): fixed for the
     # request's life, so steps check one flag per request instead of six parameters.
     plain_greedy: bool = False
-    # Token-count cache for penalties: built lazily by the sampler, kept in sync on append.
-    penalty_counts: dict[int, int] | None = field(default=None, repr=False)
