@@ -6,14 +6,18 @@ Face directories.
 * float32: kvport's greedy tokens (chunked prefill, mixed steps, decode, CUDA graphs or eager,
   prefix caching) equal a plain greedy loop over transformers' float32 model. Weights are
   drawn N(0, 0.15), as in the CPU parity tests, so the logits have clear winners.
-* bf16, teacher forced (a prefill of half of each sequence, then one decode step per token,
-  all sequences batched), on transformers' own init: kvport's top-1 tokens against
-  transformers' bf16 and float32. On random weights the top two logits are often closer than
-  bf16 rounding, so transformers' bf16 itself disagrees with its float32 at a few percent of
-  positions; the test therefore asserts (a) >= 99% agreement with transformers bf16 at the
-  positions whose float32 top-1 margin exceeds 4x transformers' own bf16 logit error there,
-  (b) kvport's agreement with float32 is within 1 point of transformers' bf16, and records
-  the raw agreements too.
+* bf16, teacher forced, on transformers' own init, all sequences batched, two kvport
+  schedules: (1) a prefill of whole sequences, (2) a prefill of half of each sequence, then
+  one decode step per token; transformers runs the same two (one forward; a forward over the
+  half, then one cached decode step per token). On random weights the top two logits are
+  often closer than bf16 rounding, so ANY change of matmul shapes or kernels flips some of
+  them: on the H100 (2026-11-22) transformers' decode schedule agreed with its own forward at
+  only 98.6% of positions, below issue 4's raw 99% bar. The test therefore asserts (a) >= 99%
+  agreement with transformers bf16 at the positions whose float32 top-1 margin exceeds 4x
+  transformers' own bf16 logit error there, for both schedules, (b) kvport's raw agreement
+  with transformers is within 1.5 points of transformers' agreement with itself across
+  schedules, (c) kvport's agreement with float32 is within 1 point of transformers' bf16;
+  and it records every raw agreement.
 * the platform: auto-selected, bf16 by default, KV cache sized from the profiled peak.
 """
 from __future__ import annotations
@@ -173,6 +177,24 @@ def teacher_forced_argmax(model, backend, sequences, prefill: int, block_size: i
     return argmax
 
 
+@torch.inference_mode()
+def hf_teacher_forced_argmax(model, ids: torch.Tensor, prefill: int) -> np.ndarray:
+    """transformers' top-1 at every position on kvport's schedule: one forward over the first
+    `prefill` tokens, then one cached decode step per remaining token."""
+    out = model(ids[:, :prefill], use_cache=True)
+    cache, argmax = out.past_key_values, [out.logits.float().argmax(-1)]
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        argmax.append(out.logits.float().argmax(-1))
+    return torch.cat(argmax, dim=1).cpu().numpy()
+
+
+def agreement(a: np.ndarray, b: np.ndarray, where=None) -> float:
+    same = a == b
+    return float(same.mean() if where is None else same[where].mean())
+
+
 def test_bf16_teacher_forced_top1(tmp_path):
     from conftest import build_tiny_model
     from kvport.core.model_info import resolve_model
@@ -184,38 +206,56 @@ def test_bf16_teacher_forced_top1(tmp_path):
     torch.manual_seed(2)                        # re-saved with transformers' own init
     transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(path)).save_pretrained(path)
     info = resolve_model(path)
-    block_size, prefill = 16, 128
+    block_size, prefill, length = 16, 128, 256
     spec = AttentionSpec(num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
                          head_size=info.head_size, block_size=block_size, dtype="bfloat16",
                          scale=info.head_size ** -0.5)
     backend = TritonPagedAttentionBackend(spec)
     model = build_model(info, LlamaForCausalLM, torch.bfloat16, backend, "cuda")
-    sequences = prompts_for(info.vocab_size, [256] * 6, seed=3)
-    ours = teacher_forced_argmax(model, backend, sequences, prefill, block_size)
+    sequences = prompts_for(info.vocab_size, [length] * 6, seed=3)
+    ours_decode = teacher_forced_argmax(model, backend, sequences, prefill, block_size)
+    ours_prefill = teacher_forced_argmax(model, backend, sequences, length, block_size)
+    del model
     ids = torch.tensor(sequences, device="cuda")
+    hf_bf16 = hf_model(path, torch.bfloat16)
     with torch.inference_mode():
         ref32 = hf_model(path, torch.float32)(ids).logits.float()
-        ref16 = hf_model(path, torch.bfloat16)(ids).logits.float()
+        ref16 = hf_bf16(ids).logits.float()
+    hf16_decode = hf_teacher_forced_argmax(hf_bf16, ids, prefill)
     top2 = ref32.topk(2, dim=-1).values
     margin = (top2[..., 0] - top2[..., 1]).cpu().numpy()
     bf16_error = (ref16 - ref32).pow(2).mean(-1).sqrt().cpu().numpy()   # per position
     decisive = margin > 4 * bf16_error
     hf16, hf32 = ref16.argmax(-1).cpu().numpy(), ref32.argmax(-1).cpu().numpy()
     result = {
-        "positions": int(ours.size), "decisive_positions": int(decisive.sum()),
-        "kvport_vs_hf_bf16": float((ours == hf16).mean()),
-        "kvport_vs_hf_bf16_decisive": float((ours == hf16)[decisive].mean()),
-        "kvport_vs_hf_fp32": float((ours == hf32).mean()),
-        "hf_bf16_vs_hf_fp32": float((hf16 == hf32).mean()),
+        "positions": int(hf16.size), "decisive_positions": int(decisive.sum()),
+        # the bar, each kvport schedule against transformers on the same schedule
+        "prefill_kvport_vs_hf_bf16_forward": agreement(ours_prefill, hf16),
+        "decode_kvport_vs_hf_bf16_decode": agreement(ours_decode, hf16_decode),
+        # across schedules, and transformers against itself across them
+        "decode_kvport_vs_hf_bf16_forward": agreement(ours_decode, hf16),
+        "hf_bf16_decode_vs_hf_bf16_forward": agreement(hf16_decode, hf16),
+        "decode_kvport_vs_hf_bf16_forward_decisive": agreement(ours_decode, hf16, decisive),
+        "prefill_kvport_vs_hf_bf16_forward_decisive": agreement(ours_prefill, hf16, decisive),
+        "decode_kvport_vs_hf_fp32": agreement(ours_decode, hf32),
+        "hf_bf16_vs_hf_fp32": agreement(hf16, hf32),
     }
-    for part, cols in (("prefill", slice(0, prefill)), ("decode", slice(prefill, None))):
-        result[f"kvport_vs_hf_bf16_{part}"] = float((ours == hf16)[:, cols].mean())
-        result[f"kvport_vs_hf_fp32_{part}"] = float((ours == hf32)[:, cols].mean())
-        result[f"hf_bf16_vs_hf_fp32_{part}"] = float((hf16 == hf32)[:, cols].mean())
+    decode_cols = slice(prefill, None)
+    result["decode_positions_only"] = {
+        "kvport_vs_hf_bf16_decode": agreement(ours_decode[:, decode_cols],
+                                              hf16_decode[:, decode_cols]),
+        "kvport_vs_hf_bf16_forward": agreement(ours_decode[:, decode_cols], hf16[:, decode_cols]),
+        "hf_decode_vs_hf_forward": agreement(hf16_decode[:, decode_cols], hf16[:, decode_cols]),
+    }
     report("top1", result)
     assert decisive.mean() > 0.5, result
-    assert result["kvport_vs_hf_bf16_decisive"] >= 0.99, result
-    assert result["kvport_vs_hf_fp32"] >= result["hf_bf16_vs_hf_fp32"] - 0.01, result
+    assert result["prefill_kvport_vs_hf_bf16_forward_decisive"] >= 0.99, result
+    assert result["decode_kvport_vs_hf_bf16_forward_decisive"] >= 0.99, result
+    floor = result["hf_bf16_decode_vs_hf_bf16_forward"] - 0.015    # transformers vs itself
+    for key in ("prefill_kvport_vs_hf_bf16_forward", "decode_kvport_vs_hf_bf16_decode",
+                "decode_kvport_vs_hf_bf16_forward"):
+        assert result[key] >= floor, (key, result)
+    assert result["decode_kvport_vs_hf_fp32"] >= result["hf_bf16_vs_hf_fp32"] - 0.01, result
 
 
 def test_platform_defaults_and_memory_sizing(llama_dir):
