@@ -19,6 +19,7 @@ ENGINE_OPTIONS = {
     "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
     "tensor_parallel_size": "tensor_parallel_size",
+    "custom_all_reduce": "custom_all_reduce",
     # serve only (add_replica_arguments)
     "data_parallel_size": "data_parallel_size", "distributed_executor": "distributed_executor",
     "ray_address": "ray_address", "ray_gpus_per_replica": "ray_gpus_per_replica",
@@ -73,6 +74,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--tensor-parallel-size", "-tp", type=int,
                        help="devices that each hold a slice of every layer, one worker process "
                             "per device (docs/distributed.md) (default: 1)")
+    group.add_argument("--custom-all-reduce", action=argparse.BooleanOptionalAction,
+                       default=None,
+                       help="with tensor parallelism, sum decode-sized tensors through the "
+                            "platform's own all-reduce where it has one (CUDA: symmetric memory "
+                            "over NVLink) instead of the distributed backend (default: on)")
 
 
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:

@@ -148,6 +148,9 @@ class ParallelConfig:
     the replica that last served a prompt's prefix may have and still get it.
     replica_health_check_interval / _timeout: seconds between pings of each replica, and how
     long one may take before the replica is declared failed and removed.
+    custom_all_reduce: under tensor parallelism, let the platform sum small tensors (decode
+    steps) its own faster way where it has one (CUDA: PyTorch symmetric memory over NVLink);
+    False sends every all-reduce through the distributed backend.
     """
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -157,6 +160,7 @@ class ParallelConfig:
     prefix_affinity_slack: int = 4
     replica_health_check_interval: float = 10.0
     replica_health_check_timeout: float = 30.0
+    custom_all_reduce: bool = True
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:

@@ -5,10 +5,26 @@ row-parallel matmul, after the vocab-parallel embedding, on the logits). With on
 collective returns its input untouched and torch.distributed is never imported, so a
 single-device model runs exactly the code it always ran. The process group itself is built by
 the worker (kvport/torch_worker/distributed.py), before the model.
+
+A platform may add a faster all-reduce for the tensors it handles well (`fast_all_reduce`,
+e.g. kvport-cuda's symmetric-memory one for decode-sized tensors); everything else goes
+through torch.distributed.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
+
+
+class FastAllReduce(Protocol):
+    """A platform's in-place sum over the ranks for some tensors (see `handles`)."""
+
+    def handles(self, x: torch.Tensor) -> bool:
+        """Whether this tensor (dtype, size, device) is one this all-reduce takes."""
+
+    def all_reduce_(self, x: torch.Tensor) -> None:
+        """Overwrite `x` with its sum over the ranks (every rank calls it, in the same order)."""
 
 
 class TensorParallelGroup:
@@ -20,6 +36,7 @@ class TensorParallelGroup:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         self.rank = rank
         self.world_size = world_size
+        self.fast_all_reduce: FastAllReduce | None = None     # set by the platform's worker
 
     @property
     def is_first(self) -> bool:
@@ -29,8 +46,12 @@ class TensorParallelGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; every rank gets the sum."""
         if self.world_size > 1:
-            import torch.distributed as dist
-            dist.all_reduce(x)
+            fast = self.fast_all_reduce
+            if fast is not None and fast.handles(x):
+                fast.all_reduce_(x)
+            else:
+                import torch.distributed as dist
+                dist.all_reduce(x)
         return x
 
     def gather_to_first(self, x: torch.Tensor, size: int) -> torch.Tensor | None:

@@ -189,13 +189,18 @@ def free_memory(args) -> list[str]:
 
 
 def run_engine(tp: int, args, prefixes, requests, report: Report, eager: bool = False,
-               sync: bool = False) -> dict | None:
+               sync: bool = False, nccl_only: bool = False) -> dict | None:
     """Start an engine of `tp` ranks, teacher-force (unless `prefixes` is empty), then time
-    W1. `sync`: without async scheduling (as the TP executor runs today). None if it failed."""
+    W1. `sync`: without async scheduling. `nccl_only`: every all-reduce through NCCL (no
+    symmetric memory). None if it failed."""
     from kvport import LLM
-    name = f"tp{tp}" + ("_eager" if eager else "") + ("_sync" if sync else "")
-    result: dict = {"tensor_parallel_size": tp, "enforce_eager": eager}
+    name = (f"tp{tp}" + ("_eager" if eager else "") + ("_sync" if sync else "")
+            + ("_nccl" if nccl_only else ""))
+    result: dict = {"tensor_parallel_size": tp, "enforce_eager": eager,
+                    "custom_all_reduce": not nccl_only}
     extra = {"async_scheduling": False} if sync else {}
+    if nccl_only:
+        extra["custom_all_reduce"] = False
     llm = None
     try:
         log(f"{name}: starting the engine ({', '.join(free_memory(args)) or args.device})")
@@ -260,6 +265,9 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--tp1-sync", action="store_true",
                    help="finally, time TP=1 without async scheduling too, if time is left")
+    p.add_argument("--tp2-nccl", action="store_true",
+                   help="finally, time TP=2 with every all-reduce through NCCL too (no "
+                        "symmetric memory), if time is left")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     args.dtype = "bfloat16" if args.device == "cuda" else "float32"
@@ -287,9 +295,26 @@ def main() -> int:
             "graph problem from a TP problem")
         two = run_engine(2, args, prefixes, requests, report, eager=True)
     code = summarize(one, two, report)
+    if args.tp2_nccl:
+        nccl_run(args, requests, report)
     if args.tp1_sync:
         extra_run(args, requests, report)
     return code
+
+
+def nccl_run(args, requests, report: Report) -> None:
+    """TP=2 with NCCL for every all-reduce: what the symmetric-memory all-reduce gains."""
+    if remaining(args) < 120:
+        log("tp2_nccl: skipped (deadline)")
+        return
+    nccl = run_engine(2, args, [], requests, report, nccl_only=True)
+    two = report.data["phases"].get("tp2") or {}
+    if nccl and isinstance(nccl.get("throughput"), dict) and \
+            isinstance(two.get("throughput"), dict):
+        gain = two["throughput"]["output_tok_s"] / nccl["throughput"]["output_tok_s"]
+        report.data["phases"]["summary"]["tp2_symmetric_over_tp2_nccl"] = gain
+        report.write()
+        log(f"TP=2 symmetric-memory all-reduce / NCCL only: {gain:.3f}x")
 
 
 def extra_run(args, requests, report: Report) -> None:

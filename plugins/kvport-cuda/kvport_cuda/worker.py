@@ -13,6 +13,7 @@ from kvport_cuda.fused_norm import fuse_rms_norms
 from kvport_cuda.graphs import default_batch_sizes
 from kvport_cuda.memory import MemoryProfile, profile_memory
 from kvport_cuda.model_runner import CudaModelRunner
+from kvport_cuda.symmetric_all_reduce import symmetric_all_reduce_or_reason
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,23 @@ class CudaWorker(TorchWorker):
 
     def activate_device(self) -> None:
         torch.cuda.set_device(self.device)
+
+    def init_device(self) -> None:
+        super().init_device()
+        if self.tp.world_size > 1 and self.config.parallel.custom_all_reduce:
+            self._use_symmetric_all_reduce()
+
+    def _use_symmetric_all_reduce(self) -> None:
+        """Decode-sized all-reduces through symmetric memory (every rank runs this)."""
+        fast, reason = symmetric_all_reduce_or_reason(self.device, self.dtype,
+                                                      self.tp.world_size)
+        if fast is None:
+            logger.warning("tensor-parallel all-reduce: NCCL for every size (%s); "
+                           "--no-custom-all-reduce silences this", reason)
+            return
+        self.tp.fast_all_reduce = fast
+        logger.info("tensor-parallel all-reduce: %s up to %d KiB, NCCL above", reason,
+                    fast.limits.max_bytes // 1024)
 
     def load_model(self) -> None:
         super().load_model()

@@ -1,0 +1,141 @@
+"""Tensor-parallel all-reduce on this host's GPUs: NCCL against symmetric memory (one shot and
+two shot, kvport_cuda/symmetric_all_reduce.py), checked and timed at decode and prefill sizes.
+
+One process per GPU. For each size every method first sums known per-rank tensors and is
+compared with the exact sum; then it is timed eagerly (one call at a time) and inside a CUDA
+graph of 64 back-to-back calls (a decode step's 2 per layer x 32 layers, as kvport replays
+them). Prints a table; --json writes the figures.
+
+    python plugins/kvport-cuda/bench/all_reduce.py --world-size 2 --json all_reduce.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+SIZES_KIB = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 32768)
+HIDDEN = 4096           # elements per token of the all-reduced activations (Llama-3.1-8B)
+
+
+def methods(fast):
+    """name -> in-place all-reduce of a bf16 tensor."""
+    import torch.distributed as dist
+    ops = torch.ops.symm_mem
+
+    def staged(x):
+        buf = fast.buffer[:x.numel()]
+        buf.copy_(x.view(-1))
+        return buf
+
+    def one_shot(x):
+        ops.one_shot_all_reduce_out(staged(x), "sum", fast.group_name, x.view(-1))
+
+    def two_shot(x):
+        buf = staged(x)
+        ops.two_shot_all_reduce_(buf, "sum", fast.group_name)
+        x.view(-1).copy_(buf)
+
+    return {"nccl": dist.all_reduce, "one_shot": one_shot, "two_shot": two_shot,
+            "kvport": fast.all_reduce_}
+
+
+def check(fn, numel, rank, world, device) -> float:
+    """Largest relative error of fn's sum against the exact one (inputs known on every rank)."""
+    parts = [torch.randn(numel, generator=torch.Generator().manual_seed(100 + r))
+             for r in range(world)]
+    exact = torch.stack(parts).sum(0)
+    x = parts[rank].to(device, torch.bfloat16)
+    fn(x)
+    torch.cuda.synchronize()
+    return float(((x.float().cpu() - exact).abs().max() / exact.abs().max()))
+
+
+def time_eager(fn, x, iters=200) -> float:
+    for _ in range(10):
+        fn(x)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn(x)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters        # microseconds per call
+
+
+def time_graph(fn, x, calls=64, replays=20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * calls)
+
+
+def worker(rank: int, world: int, port: int, out: str | None) -> None:
+    import torch.distributed as dist
+    from kvport_cuda.symmetric_all_reduce import (SymmetricAllReduceLimits,
+                                                  SymmetricMemoryAllReduce)
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    dist.all_reduce(torch.zeros(1, device=device))
+    fast = SymmetricMemoryAllReduce(device, torch.bfloat16,
+                                    SymmetricAllReduceLimits(max_bytes=max(SIZES_KIB) * 1024))
+    rows = []
+    for kib in SIZES_KIB:
+        numel = kib * 1024 // 2
+        row = {"kib": kib, "tokens_of_4096": numel // HIDDEN}
+        for name, fn in methods(fast).items():
+            x = torch.randn(numel, device=device).to(torch.bfloat16)
+            try:
+                row[f"{name}_rel_err"] = check(fn, numel, rank, world, device)
+                row[f"{name}_eager_us"] = time_eager(fn, x)
+                row[f"{name}_graph_us"] = time_graph(fn, x)
+            except Exception as exc:           # recorded; the other methods still run
+                row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    if rank == 0 and out:
+        with open(out, "w") as f:
+            json.dump({"world_size": world, "gpu": torch.cuda.get_device_name(),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world-size", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    mp.spawn(worker, args=(args.world_size, port, args.json), nprocs=args.world_size)
+
+
+if __name__ == "__main__":
+    main()
