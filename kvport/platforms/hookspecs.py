@@ -47,7 +47,8 @@ class PlatformRegistration:
     is_available: cheap check returning (available, reason); must never raise and must not
         import the framework's device runtime. The reason is shown when it is unavailable.
     priority: auto-selection order, lower first. Built-in values: cuda 10, rocm 20, tpu 30,
-        hpu 40, neuron 50, mps 60, xla 90, cpu 100 (always last).
+        hpu 40, neuron 50, mps 60, cpu 100; xla 110 (after the CPU: JAX's CPU or GPU
+        backend is chosen only by name, `--device xla`).
     framework: what its Worker computes with ("torch", "jax", ...). The conformance kit runs
         its torch-based checks only on torch platforms (plugin API 1.0).
     """
