@@ -113,7 +113,7 @@ _GGUF_BLOCK = {
     "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
-# Derived data some converters store; the config already describes it.
+# Read into the config's rope scaling (kvport/core/gguf_metadata.py), not a weight.
 _GGUF_SKIPPED = {"rope_freqs.weight"}
 # Architectures converted by llama.cpp's LlamaModel, which permutes q and k rows.
 _GGUF_PERMUTED_ARCHS = {"llama", "mistral"}

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# freq_factors: every inverse frequency divided by its own factor. GGUF files store Llama 3.x's
+# rope scaling this way (the `rope_freqs` tensor), as llama.cpp applies it.
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 DEFAULT_ROPE_THETA = 10000.0
 
 
@@ -26,6 +28,7 @@ class RopeConfig:
     low_freq_factor: float = 1.0              # llama3
     high_freq_factor: float = 4.0             # llama3
     original_max_position_embeddings: int | None = None   # llama3
+    freq_factors: tuple[float, ...] | None = None          # freq_factors: one per frequency
 
 
 def parse_rope_config(hf_config: dict[str, Any]) -> RopeConfig:
@@ -47,6 +50,11 @@ def parse_rope_config(hf_config: dict[str, Any]) -> RopeConfig:
     theta = float(params.get("rope_theta") or hf_config.get("rope_theta") or DEFAULT_ROPE_THETA)
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type == "freq_factors":
+        factors = params.get("freq_factors")
+        if not factors or not all(float(f) > 0 for f in factors):
+            raise ValueError("rope type 'freq_factors' needs a list of positive 'freq_factors'")
+        return RopeConfig("freq_factors", theta, freq_factors=tuple(float(f) for f in factors))
     if "factor" not in params:
         raise ValueError(f"rope type {rope_type!r} needs a 'factor' in the rope parameters")
     if rope_type == "linear":
@@ -70,6 +78,8 @@ def rope_inv_freq(rope: RopeConfig, head_size: int) -> np.ndarray:
     inv_freq = f32(1.0) / powers
     if rope.rope_type == "linear":
         inv_freq = inv_freq / f32(rope.factor)
+    elif rope.rope_type == "freq_factors":
+        inv_freq = inv_freq / np.asarray(check_freq_factors(rope, head_size), dtype=f32)
     elif rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings
         low_freq_wavelen = old_len / rope.low_freq_factor
@@ -83,3 +93,12 @@ def rope_inv_freq(rope: RopeConfig, head_size: int) -> np.ndarray:
         is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
         inv_freq = np.where(is_medium, smoothed, scaled)
     return inv_freq.astype(f32)
+
+
+def check_freq_factors(rope: RopeConfig, head_size: int) -> tuple[float, ...]:
+    """The per-frequency factors, after checking there is one per rotated pair."""
+    factors = rope.freq_factors or ()
+    if len(factors) != head_size // 2:
+        raise ValueError(f"rope freq_factors has {len(factors)} entries; head size {head_size} "
+                         f"needs {head_size // 2}")
+    return factors

@@ -13,7 +13,8 @@ from torch import nn
 
 # Rope parameters are read by the framework-free core (shared with the JAX worker); the
 # frequencies are computed here in torch, exactly as transformers computes them.
-from kvport.core.rope import RopeConfig, parse_rope_config  # noqa: F401  (re-exported)
+from kvport.core.rope import (RopeConfig, check_freq_factors,  # noqa: F401  (re-exported)
+                              parse_rope_config)
 from kvport.core.tensor_parallel import split_evenly
 from kvport.models.parallel_layers import ColumnParallelLinear, RowParallelLinear
 from kvport.models.tp_group import SINGLE_GROUP, TensorParallelGroup
@@ -58,6 +59,9 @@ def rope_inv_freq(rope: RopeConfig, head_size: int, device=None) -> torch.Tensor
     inv_freq = 1.0 / (rope.theta ** exponents)
     if rope.rope_type == "linear":
         inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "freq_factors":
+        inv_freq = inv_freq / torch.tensor(check_freq_factors(rope, head_size),
+                                           dtype=torch.float32, device=device)
     elif rope.rope_type == "llama3":
         old_len = rope.original_max_position_embeddings
         low_freq_wavelen = old_len / rope.low_freq_factor
