@@ -123,6 +123,8 @@ def main() -> int:
     p.add_argument("--no-prefill", action="store_true", help="skip the prefill rate")
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     p.add_argument("--sweep", action="store_true", help="also time other launch settings")
+    p.add_argument("--splits", default="",
+                   help="also time the default tiles with these split counts, e.g. 1,2,4,8")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
 
@@ -159,6 +161,8 @@ def main() -> int:
             except Exception as exc:       # e.g. out of shared memory: report and go on
                 print(f"   sweep block_n {block_n} warps {warps} stages {stages} splits "
                       f"{splits}: failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    for splits in [int(n) for n in args.splits.split(",") if n]:
+        record(f"splits={splits}", TritonPagedAttentionBackend.launch, splits)
     if args.spread:
         # The same batch with the longest contexts first: how much the ragged tail costs.
         order = torch.argsort(seq_lens, descending=True)
