@@ -16,7 +16,8 @@ bf16 model, for agreement and for throughput, in one run.
 3. agreement of TP=2's top-1 with TP=1's at every position, and at the decisive positions
    (TP=1's top-1 margin above 4x the RMS difference of the top-1 logprob between the two
    runs: random weights put many top-2 logits closer than bf16 rounding); the throughput
-   ratio TP=2 / TP=1 (goal: 1.6x).
+   ratio TP=2 / TP=1 (goal: 1.6x). --tp1-self-check: TP=1 teacher-forced a second time in
+   reverse order, and TP=1's agreement with itself (the noise floor of the first figure).
 
 Progress lines carry a timestamp. Results go to --json after every phase. --deadline (seconds
 from the start) ends the timed runs early with partial figures (TP=1's run leaves room for
@@ -214,6 +215,10 @@ def run_engine(tp: int, args, prefixes, requests, report: Report, eager: bool = 
         if prefixes:
             result["teacher"] = teacher_forced(llm, prefixes)
             log(f"{name}: teacher-forced {len(prefixes)} positions")
+            if tp == 1 and args.tp1_self_check:
+                again = teacher_forced(llm, prefixes[::-1])
+                result["teacher_again"] = {k: v[::-1] for k, v in again.items()}
+                log(f"{name}: teacher-forced again, in reverse order")
         report.phase(name, result)
         limit = time_for_throughput(tp == 1 and not sync, result["startup_s"], args)
         if limit < 20:
@@ -265,6 +270,10 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--tp1-sync", action="store_true",
                    help="finally, time TP=1 without async scheduling too, if time is left")
+    p.add_argument("--tp1-self-check", action="store_true",
+                   help="teacher-force TP=1 twice (the second time in reverse order, so other "
+                        "batches, chunks and prefix-cache hits): TP=1's agreement with itself "
+                        "is the noise floor TP=2's agreement is read against")
     p.add_argument("--tp2-nccl", action="store_true",
                    help="finally, time TP=2 with every all-reduce through NCCL too (no "
                         "symmetric memory), if time is left")
@@ -335,6 +344,8 @@ def extra_run(args, requests, report: Report) -> None:
 
 def summarize(one: dict | None, two: dict | None, report: Report) -> int:
     summary: dict = {}
+    if one and "teacher_again" in one:
+        summary["tp1_agreement_with_itself"] = agreement(one["teacher"], one["teacher_again"])
     if one and two:
         summary["agreement"] = agreement(one["teacher"], two["teacher"])
         t1, t2 = one.get("throughput"), two.get("throughput")
