@@ -101,9 +101,9 @@ class ThreadGroup(TensorParallelGroup):
         return x.copy_(self._exchange(x)[0])
 
 
-def _backend(info, heads: HeadShard) -> TorchReferenceBackend:
+def _backend(info, heads: HeadShard, dtype: str = "float32") -> TorchReferenceBackend:
     return TorchReferenceBackend(AttentionSpec(heads.num_heads, heads.num_kv_heads,
-                                               info.head_size, BLOCK_SIZE, "float32",
+                                               info.head_size, BLOCK_SIZE, dtype,
                                                info.head_size ** -0.5))
 
 
@@ -132,7 +132,8 @@ def _run(model, info, num_kv_heads: int, prompts) -> list[torch.Tensor | None]:
     backend = model.model.layers[0].self_attn.attn_backend
     shape = backend.kv_cache_shape(8 * len(prompts) + 1, BLOCK_SIZE, num_kv_heads,
                                    info.head_size)
-    caches = [torch.zeros(shape) for _ in range(info.num_layers)]
+    dtype = model.model.norm.weight.dtype
+    caches = [torch.zeros(shape, dtype=dtype) for _ in range(info.num_layers)]
     results = []
     with torch.inference_mode():
         for ids, positions, common in _steps(prompts):
@@ -151,7 +152,8 @@ def _weights(info) -> list[tuple[str, torch.Tensor]]:
              else t) for n, t in iter_weights(info)]
 
 
-def _sharded_logits(info, model_class, size: int, prompts):
+def _sharded_logits(info, model_class, size: int, prompts, dtype=torch.float32,
+                    reduce_in_float32: bool = False):
     shared = _Shared(size)
     outputs: list = [None] * size
     errors: list[BaseException] = []
@@ -159,9 +161,11 @@ def _sharded_logits(info, model_class, size: int, prompts):
     def rank_main(rank: int) -> None:
         try:
             group = ThreadGroup(rank, size, shared)
+            group.reduce_in_float32 = reduce_in_float32
             heads = HeadShard.of(info.num_heads, info.num_kv_heads, size, rank)
-            model = build_model(info, model_class, torch.float32, _backend(info, heads), "cpu",
-                                weights=_weights(info), model_kwargs={"tp": group})
+            model = build_model(info, model_class, dtype,
+                                _backend(info, heads, str(dtype).removeprefix("torch.")),
+                                "cpu", weights=_weights(info), model_kwargs={"tp": group})
             outputs[rank] = _run(model, info, heads.num_kv_heads, prompts)
         except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
             errors.append(exc)
@@ -207,6 +211,27 @@ def test_sharded_model_matches_the_whole_model(case, tmp_path):
         assert step_got.shape == step_expected.shape == (len(prompts), info.vocab_size)
         torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=2e-5)
         assert torch.equal(step_got.argmax(-1), step_expected.argmax(-1))
+
+
+def test_float32_reduction_rounds_once_like_one_rank(tmp_path):
+    """bf16: with tp_reduce_dtype float32 the row-parallel sums are rounded once, as the
+    unsharded matmul rounds them, so TP=2's logits sit far closer to TP=1's than when each
+    rank's part is rounded to bf16 before the sum."""
+    info = resolve_model(build_tiny_model(str(tmp_path), "llama", seed=5, vocab_size=320,
+                                          hidden_size=64, intermediate_size=192,
+                                          num_hidden_layers=4))
+    prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(3 + 5 * i)] for i in range(3)]
+    whole = HeadShard.of(info.num_heads, info.num_kv_heads, 1, 0)
+    model = build_model(info, LlamaForCausalLM, torch.bfloat16,
+                        _backend(info, whole, "bfloat16"), "cpu", weights=_weights(info))
+    expected = torch.cat(_run(model, info, info.num_kv_heads, prompts))
+    errors = {}
+    for in_float32 in (False, True):
+        got = torch.cat(_sharded_logits(info, LlamaForCausalLM, 2, prompts, torch.bfloat16,
+                                        reduce_in_float32=in_float32))
+        assert got.dtype == torch.float32 and got.shape == expected.shape
+        errors[in_float32] = float((got - expected).abs().max())
+    assert errors[True] < 0.5 * errors[False], errors
 
 
 def test_checkpoint_shapes_are_checked_before_slicing(tmp_path):

@@ -19,7 +19,7 @@ ENGINE_OPTIONS = {
     "tokenizer": "tokenizer", "quantization": "quantization",
     "served_model_name": "served_model_name",
     "tensor_parallel_size": "tensor_parallel_size",
-    "custom_all_reduce": "custom_all_reduce",
+    "custom_all_reduce": "custom_all_reduce", "tp_reduce_dtype": "tp_reduce_dtype",
     # serve only (add_replica_arguments)
     "data_parallel_size": "data_parallel_size", "distributed_executor": "distributed_executor",
     "ray_address": "ray_address", "ray_gpus_per_replica": "ray_gpus_per_replica",
@@ -79,6 +79,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                        help="with tensor parallelism, sum decode-sized tensors through the "
                             "platform's own all-reduce where it has one (CUDA: symmetric memory "
                             "over NVLink) instead of the distributed backend (default: on)")
+    group.add_argument("--tp-reduce-dtype", choices=("auto", "float32"),
+                       help="with tensor parallelism, sum the row-parallel layers' partial "
+                            "products in the model dtype (auto: fastest) or in float32, "
+                            "rounded once as on one device: outputs closest to one device's, "
+                            "twice the all-reduce bytes (default: auto)")
 
 
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:

@@ -151,6 +151,10 @@ class ParallelConfig:
     custom_all_reduce: under tensor parallelism, let the platform sum small tensors (decode
     steps) its own faster way where it has one (CUDA: PyTorch symmetric memory over NVLink);
     False sends every all-reduce through the distributed backend.
+    tp_reduce_dtype: "auto" sums the row-parallel layers' partial products in the model dtype
+    (each rank's part rounded, then the sum rounded: fastest); "float32" keeps the parts in
+    float32 and rounds the sum once, as one device's matmul does, so tensor-parallel outputs
+    match one device's far more closely (twice the all-reduce bytes).
     """
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -161,6 +165,7 @@ class ParallelConfig:
     replica_health_check_interval: float = 10.0
     replica_health_check_timeout: float = 30.0
     custom_all_reduce: bool = True
+    tp_reduce_dtype: str = "auto"
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -168,6 +173,9 @@ class ParallelConfig:
                               f"got {self.tensor_parallel_size}")
         if self.data_parallel_size < 1:
             raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if self.tp_reduce_dtype not in ("auto", "float32"):
+            raise ConfigError(f"tp_reduce_dtype must be auto or float32, "
+                              f"got {self.tp_reduce_dtype!r}")
         if self.distributed_executor not in DISTRIBUTED_EXECUTORS:
             raise ConfigError("distributed_executor must be one of "
                               f"{', '.join(DISTRIBUTED_EXECUTORS)}, "

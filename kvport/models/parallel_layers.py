@@ -84,6 +84,12 @@ class RowParallelLinear(_LoadedOnly, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
             return super().forward(x)
+        if self.tp.reduce_in_float32 and x.dtype != torch.float32:
+            # The partial products stay float32 until the sum is complete, so the result is
+            # rounded once, as the unsharded matmul rounds it (docs/distributed.md).
+            y = self.tp.all_reduce(linear_float32_output(x, self.weight))
+            y = y if self.bias is None else y + self.bias.float()
+            return y.to(x.dtype)
         y = self.tp.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
@@ -96,6 +102,17 @@ class RowParallelLinear(_LoadedOnly, nn.Linear):
             return
         _check_shape(tensor, (param.shape[0], self.full_in_features), hf_name)
         param.copy_(tensor.narrow(1, self.start, param.shape[1]))
+
+
+def linear_float32_output(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x W^T with the float32 accumulator as output (not rounded to x's dtype): cuBLAS does
+    it in one matmul (torch.mm's out_dtype); elsewhere the operands are widened first."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.is_cuda:
+        out = torch.mm(flat, weight.t(), torch.float32)
+    else:
+        out = torch.mm(flat.float(), weight.t().float())
+    return out.view(*x.shape[:-1], weight.shape[0])
 
 
 def _load_vocab_rows(param: torch.Tensor, tensor: torch.Tensor, shard: VocabShard,

@@ -37,6 +37,9 @@ class TensorParallelGroup:
         self.rank = rank
         self.world_size = world_size
         self.fast_all_reduce: FastAllReduce | None = None     # set by the platform's worker
+        # Row-parallel partial products summed in float32 and rounded once (ParallelConfig.
+        # tp_reduce_dtype "float32"), instead of rounded per rank and summed in the model dtype.
+        self.reduce_in_float32 = False
 
     @property
     def is_first(self) -> bool:

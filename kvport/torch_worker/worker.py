@@ -80,6 +80,8 @@ class TorchWorker(Worker):
         self.activate_device()
         torch.manual_seed(self.config.model.seed)
         self.tp = init_tensor_parallel(self.parallel, self.device)
+        if self.tp.world_size > 1:           # never the shared one-rank group
+            self.tp.reduce_in_float32 = self.config.parallel.tp_reduce_dtype == "float32"
 
     def attention_spec(self) -> AttentionSpec:
         info, heads = self.model_info, self.heads

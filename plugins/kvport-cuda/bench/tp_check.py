@@ -190,18 +190,22 @@ def free_memory(args) -> list[str]:
 
 
 def run_engine(tp: int, args, prefixes, requests, report: Report, eager: bool = False,
-               sync: bool = False, nccl_only: bool = False) -> dict | None:
+               sync: bool = False, nccl_only: bool = False,
+               float32_reduce: bool = False) -> dict | None:
     """Start an engine of `tp` ranks, teacher-force (unless `prefixes` is empty), then time
     W1. `sync`: without async scheduling. `nccl_only`: every all-reduce through NCCL (no
-    symmetric memory). None if it failed."""
+    symmetric memory). `float32_reduce`: tp_reduce_dtype float32. None if it failed."""
     from kvport import LLM
     name = (f"tp{tp}" + ("_eager" if eager else "") + ("_sync" if sync else "")
-            + ("_nccl" if nccl_only else ""))
+            + ("_nccl" if nccl_only else "") + ("_f32reduce" if float32_reduce else ""))
     result: dict = {"tensor_parallel_size": tp, "enforce_eager": eager,
-                    "custom_all_reduce": not nccl_only}
+                    "custom_all_reduce": not nccl_only,
+                    "tp_reduce_dtype": "float32" if float32_reduce else "auto"}
     extra = {"async_scheduling": False} if sync else {}
     if nccl_only:
         extra["custom_all_reduce"] = False
+    if float32_reduce:
+        extra["tp_reduce_dtype"] = "float32"
     llm = None
     try:
         log(f"{name}: starting the engine ({', '.join(free_memory(args)) or args.device})")
@@ -274,6 +278,9 @@ def main() -> int:
                    help="teacher-force TP=1 twice (the second time in reverse order, so other "
                         "batches, chunks and prefix-cache hits): TP=1's agreement with itself "
                         "is the noise floor TP=2's agreement is read against")
+    p.add_argument("--tp2-float32-reduce", action="store_true",
+                   help="then TP=2 again with tp_reduce_dtype float32 (teacher forcing and "
+                        "throughput), if time is left")
     p.add_argument("--tp2-nccl", action="store_true",
                    help="finally, time TP=2 with every all-reduce through NCCL too (no "
                         "symmetric memory), if time is left")
@@ -304,11 +311,30 @@ def main() -> int:
             "graph problem from a TP problem")
         two = run_engine(2, args, prefixes, requests, report, eager=True)
     code = summarize(one, two, report)
+    if args.tp2_float32_reduce:
+        float32_reduce_run(args, one, prefixes, requests, report)
     if args.tp2_nccl:
         nccl_run(args, requests, report)
     if args.tp1_sync:
         extra_run(args, requests, report)
     return code
+
+
+def float32_reduce_run(args, one: dict | None, prefixes, requests, report: Report) -> None:
+    """TP=2 summing in float32: its agreement with TP=1 and its throughput."""
+    if remaining(args) < 120:
+        log("tp2_f32reduce: skipped (deadline)")
+        return
+    run = run_engine(2, args, prefixes, requests, report, float32_reduce=True)
+    summary = report.data["phases"]["summary"]
+    if run and one:
+        summary["agreement_float32_reduce"] = agreement(one["teacher"], run["teacher"])
+        if isinstance(run.get("throughput"), dict) and isinstance(one.get("throughput"), dict):
+            summary["tp2_float32_reduce_over_tp1"] = (run["throughput"]["output_tok_s"]
+                                                      / one["throughput"]["output_tok_s"])
+        report.write()
+        log("TP=2 float32 reduce: " + json.dumps({k: summary.get(k) for k in (
+            "agreement_float32_reduce", "tp2_float32_reduce_over_tp1")}))
 
 
 def nccl_run(args, requests, report: Report) -> None:

@@ -53,13 +53,16 @@ class SymmetricMemoryAllReduce:
         self._ops = torch.ops.symm_mem
 
     def handles(self, x: torch.Tensor) -> bool:
-        return (x.dtype == self.dtype and x.device == self.device and x.is_contiguous()
+        # float32: the sums of ParallelConfig.tp_reduce_dtype "float32"
+        return (x.dtype in (self.dtype, torch.float32) and x.device == self.device
+                and x.is_contiguous()
                 and x.numel() * x.element_size() <= self.limits.max_bytes
                 and x.numel() % 4 == 0)      # the kernels move at least 8 bytes at a time
 
     def all_reduce_(self, x: torch.Tensor) -> None:
         flat = x.view(-1)
-        staged = self.buffer[:flat.numel()]
+        # one allocation, viewed in the tensor's dtype (the kernels find it by its storage)
+        staged = self.buffer.view(x.dtype)[:flat.numel()]
         staged.copy_(flat)
         if flat.numel() * flat.element_size() <= self.limits.one_shot_max_bytes:
             self._ops.one_shot_all_reduce_out(staged, "sum", self.group_name, flat)
