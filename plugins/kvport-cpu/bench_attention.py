@@ -4,6 +4,8 @@ weight precisions for the matmuls. Not a test; prints tables.
     python plugins/kvport-cpu/bench_attention.py                 # everything
     python plugins/kvport-cpu/bench_attention.py attention matmul
     python plugins/kvport-cpu/bench_attention.py model --model-batch 32 --prompt-len 128
+    python plugins/kvport-cpu/bench_attention.py native
+    python plugins/kvport-cpu/bench_attention.py model --model-dtypes float32 --quantization int8
 
 Sections:
   attention  torch_reference vs cpu_paged, one layer's forward (K/V write + attention) with
@@ -145,6 +147,7 @@ def bench_attention(reps: int) -> None:
             fns = {}
             for label, attrs in variants.items():
                 backend = CpuPagedAttentionBackend(spec)
+                backend.use_native_decode = False
                 for a, val in attrs.items():
                     setattr(backend, a, val)
                 meta = backend.build_metadata(common, "cpu")
@@ -154,6 +157,43 @@ def bench_attention(reps: int) -> None:
             rows.append([name, dtype] + [f"{t[label]:.2f} ({fns[label].groups}g)"
                                          for label in variants])
     print_table(["case", "dtype"] + list(variants), rows)
+
+
+# ---------------------------------------------------------------------------- native
+def bench_native(reps: int) -> None:
+    print("== cpu_paged decode paths: native op (blocks read in place) vs gather + SDPA, "
+          f"ms per layer; step = {LAYERS} layers ==")
+    rows = []
+    for dtype in DTYPES:
+        for batch in (1, 32):
+            for ctx in (200, 1000):
+                rng = np.random.default_rng(batch + ctx)
+                contexts = (ctx - 1 + rng.integers(-32, 33, batch)).tolist()   # ragged
+                spec, common, (q, k, v, cache) = make_step(contexts, [1] * batch, dtype)
+                gather = CpuPagedAttentionBackend(spec)
+                gather.use_native_decode = False
+                native = CpuPagedAttentionBackend(spec)
+                if native.decode_path != "native":
+                    print(f"native decode unavailable: {native.decode_path}\n")
+                    return
+                g_meta, n_meta = gather.build_metadata(common, "cpu"), native.build_metadata(common, "cpu")
+                nd, out = n_meta.native_decode, torch.empty(batch, HEADS, HEAD_SIZE)
+                op, qf = native._native_decode_op()[0], q.float()
+                t = interleaved({
+                    "gather": lambda: gather.forward(q, k, v, cache, g_meta),
+                    "native": lambda: native.forward(q, k, v, cache, n_meta),
+                    "op": lambda: op(out, qf, cache, nd.block_table, nd.seq_lens, spec.scale),
+                }, reps if batch == 1 else max(reps // 2, 5))
+                err = (native.forward(q, k, v, cache, n_meta).float()
+                       - gather.forward(q, k, v, cache, g_meta).float()).abs().max().item()
+                kv_bytes = 2 * int(common.seq_lens.sum()) * KV_HEADS * HEAD_SIZE * \
+                    cache.element_size()
+                rows.append([dtype, batch, f"~{ctx}", f"{t['gather']:.3f}", f"{t['native']:.3f}",
+                             f"{t['gather'] / t['native']:.2f}x", f"{t['op']:.3f}",
+                             f"{kv_bytes / t['op'] / 1e6:.1f}", f"{LAYERS * t['gather']:.1f}",
+                             f"{LAYERS * t['native']:.1f}", f"{err:.1e}"])
+    print_table(["dtype", "batch", "ctx", "gather+sdpa/layer", "native/layer", "speedup",
+                 "op alone", "op GB/s of KV", "gather/step", "native/step", "max|diff|"], rows)
 
 
 # ----------------------------------------------------------------------------- model
@@ -172,25 +212,30 @@ class Timed:
 
 
 def bench_model(batches: list[int], prompt_len: int, steps: int, threads: int,
-                dtypes: list[str]) -> None:
+                dtypes: list[str], quantization: str | None = None) -> None:
     from kvport import LLM, SamplingParams
 
     print(f"== SmolLM2-135M decode step (prompt {prompt_len} tokens, {steps} timed steps per "
-          "backend, interleaved), ms per step ==")
+          f"backend, interleaved, quantization {quantization}), ms per step ==")
     rows, profiles = [], []
     for dtype in dtypes:
         max_batch = max(batches)
         llm = LLM(None, device="cpu", dtype=dtype, attention_backend="cpu_paged",
                   max_model_len=prompt_len + 8 * steps + 64, num_threads=threads,
                   num_blocks=max_batch * (-(-(prompt_len + 8 * steps + 64) // BLOCK)) + 16,
-                  enable_prefix_caching=False, max_num_seqs=max_batch)
+                  enable_prefix_caching=False, max_num_seqs=max_batch,
+                  quantization=quantization)
         engine = llm.engine
         worker, runner = engine.worker, engine.worker.runner
         fast = worker.attn_backend
         ref = TorchReferenceBackend(fast.spec)
+        gather = CpuPagedAttentionBackend(fast.spec)
+        gather.use_native_decode = False
+        backends = ((f"cpu_paged ({fast.decode_path})", fast), ("cpu_paged (gather+sdpa)", gather),
+                    ("torch_reference", ref))
         holders = [m for m in runner.model.modules() if hasattr(m, "attn_backend")]
         timers = {}
-        for name, backend in (("cpu_paged", fast), ("torch_reference", ref)):
+        for name, backend in backends:
             timers[name] = Timed(backend.forward)
             backend.forward = timers[name]
 
@@ -224,7 +269,7 @@ def bench_model(batches: list[int], prompt_len: int, steps: int, threads: int,
             result = {name: {k: [] for k in ("step", "execute", "model", "attn")}
                       for name in timers}
             for _ in range(steps):
-                for name, backend in (("cpu_paged", fast), ("torch_reference", ref)):
+                for name, backend in backends:
                     use(backend)
                     before = (execute_timer.seconds, model_timer.seconds, timers[name].seconds)
                     t = time.perf_counter()
@@ -321,17 +366,18 @@ def bench_matmul(reps: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sections", nargs="*", metavar="{attention,model,matmul}",
-                        help="what to run (default: all three)")
+    parser.add_argument("sections", nargs="*", metavar="{attention,native,model,matmul}",
+                        help="what to run (default: all four)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--model-batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--model-dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--quantization", default=None, help="model section: e.g. int8")
     args = parser.parse_args()
-    args.sections = args.sections or ["attention", "model", "matmul"]
-    unknown = set(args.sections) - {"attention", "model", "matmul"}
+    args.sections = args.sections or ["attention", "native", "model", "matmul"]
+    unknown = set(args.sections) - {"attention", "native", "model", "matmul"}
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     torch.set_num_threads(args.threads)
@@ -339,11 +385,13 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}\n", flush=True)
     if "attention" in args.sections:
         bench_attention(args.reps)
+    if "native" in args.sections:
+        bench_native(args.reps)
     if "matmul" in args.sections:
         bench_matmul(args.reps)
     if "model" in args.sections:
         bench_model(args.model_batch, args.prompt_len, args.steps, args.threads,
-                    args.model_dtypes)
+                    args.model_dtypes, args.quantization)
 
 
 if __name__ == "__main__":

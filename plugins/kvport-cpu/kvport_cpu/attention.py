@@ -20,9 +20,15 @@ requests in Python in every layer, this backend:
 Attention runs on torch's fused CPU flash-attention kernel, which accumulates in float32 and
 keeps a running softmax, so float32 matches the reference to ~1e-6 and bf16/fp16 keep float32
 accumulation (inputs and probabilities are rounded to the cache dtype).
+
+Decodes take the native path instead where it builds (kvport_cpu/native.py,
+csrc/paged_decode.cpp): one op call per layer for all single-query requests, reading their
+keys/values in place through the block table (no gather, no mask; float32 math whatever the
+cache dtype). `decode_path` says which path the backend took and why.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +37,8 @@ import torch.nn.functional as F
 
 from kvport.attention_backends.interface import (AttentionBackend, AttentionSpec,
                                                  CommonAttentionMetadata)
+
+logger = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,16 +85,27 @@ class PrefillChunk:
 
 
 @dataclass
+class NativeDecode:
+    """All single-query requests of a step, for the native op (which reads the blocks)."""
+    token_idx: torch.Tensor          # [n] int64 rows of the step's tokens
+    block_table: torch.Tensor        # [n, blocks] int64, the requests' own rows
+    seq_lens: torch.Tensor           # [n] int64
+    in_order: bool                   # token_idx == arange(n)
+
+
+@dataclass
 class CpuPagedMetadata:
     slot_mapping: torch.Tensor       # [num_tokens] int64
     num_tokens: int
+    native_decode: NativeDecode | None = None      # set: decodes take the native op
     decode_groups: list[DecodeGroup] = field(default_factory=list)
     prefills: list[PrefillChunk] = field(default_factory=list)
     workspace_blocks: int = 0        # largest gather of one group or chunk, in blocks
 
 
 class CpuPagedAttentionBackend(AttentionBackend):
-    """Paged attention on CPU: one fused SDPA per decode group and per prefill chunk."""
+    """Paged attention on CPU: decodes on the native op (else one fused SDPA per decode
+    group), one fused SDPA per prefill chunk."""
     name = "cpu_paged"
 
     # Decode grouping. A group's gather (keys and values) stays under
@@ -102,6 +121,9 @@ class CpuPagedAttentionBackend(AttentionBackend):
     # memory traffic).
     split_waste_fraction: float = 0.25
     min_split_blocks: int = 8
+    # Decodes on the native op (csrc/paged_decode.cpp) where it builds; False keeps them on
+    # gather + SDPA (tests compare the two).
+    use_native_decode: bool = True
 
     def __init__(self, spec: AttentionSpec):
         super().__init__(spec)
@@ -109,6 +131,25 @@ class CpuPagedAttentionBackend(AttentionBackend):
         self._block_bytes = 2 * spec.block_size * spec.num_kv_heads * spec.head_size * \
             torch.empty(0, dtype=self.dtype).element_size()           # keys and values
         self._workspace: dict[torch.dtype, torch.Tensor] = {}
+        self._native = None               # (op or None, decode_path), chosen on first use
+
+    @property
+    def decode_path(self) -> str:
+        """"native" or "gather+sdpa (<why not native>)". Reading it chooses the path, building
+        the native op the first time in this process (tens of seconds; cached on disk)."""
+        return self._native_decode_op()[1]
+
+    def _native_decode_op(self):
+        if self._native is None:
+            if not self.use_native_decode:
+                self._native = (None, "gather+sdpa (use_native_decode is False)")
+            else:
+                from kvport_cpu.native import paged_decode_op
+                native = paged_decode_op()
+                self._native = (native.out, "native" if native.out is not None
+                                else f"gather+sdpa (native decode unavailable: {native.reason})")
+            logger.info("cpu_paged decode path: %s", self._native[1])
+        return self._native
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int,
@@ -140,7 +181,15 @@ class CpuPagedAttentionBackend(AttentionBackend):
         workspace = 0
 
         decode = np.flatnonzero(query_lens == 1)
-        if decode.size:
+        if decode.size and self._native_decode_op()[0] is not None:
+            rows = block_table[decode, :int(end_block[decode].max())].astype(np.int64)
+            token_idx = qsl[decode]
+            metadata.native_decode = NativeDecode(
+                token_idx=torch.from_numpy(token_idx).to(device),
+                block_table=torch.from_numpy(rows).to(device),
+                seq_lens=torch.from_numpy(seq_lens[decode]).to(device),
+                in_order=bool(np.array_equal(token_idx, np.arange(decode.size))))
+        elif decode.size:
             groups = self._plan_decode_groups(num_blocks[decode])
             for members in groups:
                 reqs = decode[members]
@@ -242,16 +291,22 @@ class CpuPagedAttentionBackend(AttentionBackend):
         kv_cache[1].view(-1, kvh, d).index_copy_(0, metadata.slot_mapping, value_c)
 
         T = query.shape[0]
+        groups, prefills, native = metadata.decode_groups, metadata.prefills, metadata.native_decode
+        if native is not None and not prefills and native.in_order and \
+                native.token_idx.numel() == T:
+            return self._native_decode(query, kv_cache, native).to(query.dtype)   # pure decode
         q_all = query.to(cache_dtype)
         pages = kv_cache.view(2 * kv_cache.shape[1], bs * kvh * d)     # keys' rows, values' rows
         workspace = self._get_workspace(cache_dtype, metadata.workspace_blocks * bs * kvh * d,
                                         query.device)
-        groups, prefills = metadata.decode_groups, metadata.prefills
         if len(groups) == 1 and not prefills and groups[0].num_reqs == T and groups[0].in_order:
             out = self._decode(q_all, groups[0], pages, workspace)      # a pure decode step
             return out.to(query.dtype)
 
         out = _empty((T, H * d), query.dtype, query.device)
+        if native is not None:
+            out.index_copy_(0, native.token_idx,
+                            self._native_decode(query, kv_cache, native).to(query.dtype))
         for group in groups:
             out.index_copy_(0, group.token_idx,
                             self._decode(q_all, group, pages, workspace).to(query.dtype))
@@ -274,6 +329,19 @@ class CpuPagedAttentionBackend(AttentionBackend):
                                                scale=spec.scale, enable_gqa=G > 1)
             out[chunk.start:chunk.end].view(q_len, H, d).copy_(o[0].transpose(0, 1))
         return out
+
+    def _native_decode(self, query: torch.Tensor, kv_cache: torch.Tensor,
+                       native: NativeDecode) -> torch.Tensor:
+        """[n, H * d] float32 attention of the step's single-query requests, on the native op.
+        The query stays float32 (not rounded to the cache dtype): the op computes in float32."""
+        spec = self.spec
+        n = native.token_idx.numel()
+        q = query[:n] if native.in_order else query.index_select(0, native.token_idx)
+        q = q.reshape(n, spec.num_heads, spec.head_size).float()
+        out = _empty((n, spec.num_heads, spec.head_size), torch.float32, query.device)
+        self._native_decode_op()[0](out, q, kv_cache, native.block_table, native.seq_lens,
+                                    spec.scale, spec.sliding_window)
+        return out.view(n, spec.num_heads * spec.head_size)
 
     def _decode(self, q_all: torch.Tensor, group: DecodeGroup, pages: torch.Tensor,
                 workspace: torch.Tensor) -> torch.Tensor:
