@@ -24,6 +24,22 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TOLERANCE = {"float32": (1e-5, 1e-5), "bfloat16": (2e-2, 2e-2), "float16": (3e-3, 3e-3)}
 
 
+@pytest.fixture(autouse=True, params=["native", "gather"])
+def decode_path(request, monkeypatch):
+    """Every case runs on both decode paths: the native op (tests/test_cpu_native_decode.py
+    tests it on its own) and gather + SDPA, which stays the path where the op cannot build."""
+    monkeypatch.setattr(CpuPagedAttentionBackend, "use_native_decode",
+                        request.param == "native")
+    return request.param
+
+
+def gather_backend(spec) -> CpuPagedAttentionBackend:
+    """cpu_paged on gather + SDPA, for the cases that look at its decode groups."""
+    backend = CpuPagedAttentionBackend(spec)
+    backend.use_native_decode = False
+    return backend
+
+
 @pytest.fixture(autouse=True)
 def poison_uninitialised_buffers(monkeypatch):
     def nan_empty(shape, dtype, device):
@@ -145,8 +161,10 @@ def test_sliding_window(window, block_size, dtype):
 def test_pure_decode_batch_in_order(dtype):
     """The common step: only decodes, in token order, equal or close contexts (one group)."""
     for requests in ([(255, 1)] * 8, [(250 + i, 1) for i in range(8)], [(40, 1)]):
-        meta = check_against_reference(*make_step(requests, block_size=16, num_kv_heads=3,
-                                                  group=3, dtype=dtype, seed=len(requests)))
+        step = make_step(requests, block_size=16, num_kv_heads=3, group=3, dtype=dtype,
+                         seed=len(requests))
+        check_against_reference(*step)
+        meta = check_against_reference(*step, backend=gather_backend(step[0]))
         assert len(meta.decode_groups) == 1 and meta.decode_groups[0].in_order
         assert not meta.prefills
 
@@ -157,10 +175,11 @@ def test_decode_groups_split_by_length_and_size(dtype):
     the batch further. Either way the answer is the reference's."""
     requests = [(c, 1) for c in (700, 3, 520, 64, 690, 9, 300, 511, 0, 130)]
     step = make_step(requests, block_size=16, num_kv_heads=3, group=3, dtype=dtype, seed=7)
-    meta = check_against_reference(*step)
+    check_against_reference(*step)
+    meta = check_against_reference(*step, backend=gather_backend(step[0]))
     assert len(meta.decode_groups) > 1
     assert sorted(int(i) for g in meta.decode_groups for i in g.token_idx) == list(range(10))
-    capped = CpuPagedAttentionBackend(step[0])
+    capped = gather_backend(step[0])
     capped.max_group_bytes = 1
     meta = check_against_reference(*step, backend=capped)
     assert len(meta.decode_groups) == len(requests)

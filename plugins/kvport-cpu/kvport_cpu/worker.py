@@ -19,6 +19,12 @@ class CpuWorker(TorchWorker):
         # The ranks of a tensor-parallel group share this host's cores: num_threads in all.
         torch.set_num_threads(max(1, self.config.device.num_threads // self.parallel.world_size))
 
+    def warm_up(self) -> None:
+        """Build or load the attention backend's native decode kernel now (the first build
+        takes tens of seconds on a small machine), so that no request's first step waits on
+        it; cpu_paged logs which decode path it took."""
+        getattr(self.attn_backend, "decode_path", None)
+
     def kv_cache_budget_bytes(self) -> int:
         """`kv_cache_memory` (or the platform's default) for the whole model: tensor-parallel
         ranks share the host's memory, so each takes its part."""
