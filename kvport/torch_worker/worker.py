@@ -60,6 +60,11 @@ class TorchWorker(Worker):
             return int(self.config.cache.kv_cache_memory)
         return int(self.platform.free_memory_bytes() * self.config.cache.gpu_memory_utilization)
 
+    def quantization_kernels(self, method: str):
+        """The platform's own kernels for a quantization scheme (e.g. Int8RowKernels for
+        int8), or None for the portable torch ops; default None."""
+        return None
+
     def activate_device(self) -> None:
         """Make `self.device` this process's current device (CUDA: set_device); default
         nothing."""
@@ -110,9 +115,9 @@ class TorchWorker(Worker):
                                  self.device, model_kwargs=model_kwargs)
         if self.config.model.quantization:
             from kvport.models.quantization import quantize_model
-            replaced = quantize_model(self.model, self.config.model.quantization)
-            logger.info("quantized %d linear layers to %s", replaced,
-                        self.config.model.quantization)
+            method = self.config.model.quantization
+            replaced = quantize_model(self.model, method, self.quantization_kernels(method))
+            logger.info("quantized %d linear layers to %s", replaced, method)
 
     def bytes_per_block(self) -> int:
         """KV bytes of one block over all layers, for this worker's KV heads."""

@@ -52,6 +52,19 @@ def paged_decode_op() -> NativeOp:
                                                 torch.ops.kvport_cpu.paged_decode_out))
 
 
+def int8_row_ops() -> NativeOp:
+    """csrc/int8_rows.cpp, the element-wise halves of the W8A8 int8 linear layer:
+
+    op:  torch.ops.kvport_cpu_int8.quantize_rows(x [M, K] float32) -> (q int8, scale [M, 1])
+    out: torch.ops.kvport_cpu_int8.rescale_rows(acc [M, N] int32, scale [M, 1],
+         weight_scale [N], bias [N] or None) -> [M, N] float32
+
+    Both bit-identical to the torch ops they replace (kvport/models/quantization.py).
+    """
+    return _load("int8_rows", lambda torch: (torch.ops.kvport_cpu_int8.quantize_rows,
+                                             torch.ops.kvport_cpu_int8.rescale_rows))
+
+
 def _load(source: str, get_op) -> NativeOp:
     with _lock:               # threads of one process build once; torch locks across processes
         if source not in _built:

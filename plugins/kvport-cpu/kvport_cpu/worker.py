@@ -4,9 +4,13 @@ Tensor parallelism on a CPU (gloo collectives, every rank on the same cores) is 
 correctness vehicle, not a speed-up: it runs the sharded model code where CI can test it."""
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from kvport.torch_worker.worker import TorchWorker
+
+logger = logging.getLogger(__name__)
 
 
 class CpuWorker(TorchWorker):
@@ -18,6 +22,21 @@ class CpuWorker(TorchWorker):
         super().init_device()
         # The ranks of a tensor-parallel group share this host's cores: num_threads in all.
         torch.set_num_threads(max(1, self.config.device.num_threads // self.parallel.world_size))
+
+    def quantization_kernels(self, method: str):
+        """int8: the native one-pass quantize/rescale (csrc/int8_rows.cpp) where it builds;
+        otherwise the torch ops, and the log says why."""
+        if method != "int8":
+            return None
+        from kvport.models.quantization import Int8RowKernels
+        from kvport_cpu.native import int8_row_ops
+        native = int8_row_ops()
+        if native.op is None:
+            logger.info("int8 layers: torch ops for quantize/rescale (native kernels "
+                        "unavailable: %s)", native.reason)
+            return None
+        logger.info("int8 layers: native quantize/rescale kernels")
+        return Int8RowKernels(quantize=native.op, rescale=native.out)
 
     def warm_up(self) -> None:
         """Build or load the attention backend's native decode kernel now (the first build
