@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from kvport.attention_backends.torch_reference import TorchReferenceBackend
-from kvport_cpu import attention as cpu_attention
 from kvport_cpu import native
 from kvport_cpu.attention import CpuPagedAttentionBackend
-from test_cpu_attention import check_against_reference, generate, make_step, mixed_requests
+from test_cpu_attention import (check_against_reference, generate, make_step,  # noqa: F401
+                                mixed_requests, poison_uninitialised_buffers)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -30,14 +30,6 @@ def paged_decode_out():
     if built.out is None:
         pytest.skip(f"native paged_decode unavailable: {built.reason}")
     return built.out
-
-
-@pytest.fixture(autouse=True)
-def poison_uninitialised_buffers(monkeypatch):
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape if isinstance(shape, tuple) else (shape,), float("nan"),
-                          dtype=dtype, device=device)
-    monkeypatch.setattr(cpu_attention, "_empty", nan_empty)
 
 
 def decode_step(contexts, **kw):

@@ -339,33 +339,32 @@ def float32_reduce_run(args, one: dict | None, prefixes, requests, report: Repor
 
 def nccl_run(args, requests, report: Report) -> None:
     """TP=2 with NCCL for every all-reduce: what the symmetric-memory all-reduce gains."""
-    if remaining(args) < 120:
-        log("tp2_nccl: skipped (deadline)")
-        return
-    nccl = run_engine(2, args, [], requests, report, nccl_only=True)
-    two = report.data["phases"].get("tp2") or {}
-    if nccl and isinstance(nccl.get("throughput"), dict) and \
-            isinstance(two.get("throughput"), dict):
-        gain = two["throughput"]["output_tok_s"] / nccl["throughput"]["output_tok_s"]
-        report.data["phases"]["summary"]["tp2_symmetric_over_tp2_nccl"] = gain
-        report.write()
-        log(f"TP=2 symmetric-memory all-reduce / NCCL only: {gain:.3f}x")
+    tp2_against(args, requests, report, "tp2_nccl", "tp2_symmetric_over_tp2_nccl",
+                "TP=2 symmetric-memory all-reduce / NCCL only", tp=2, nccl_only=True)
 
 
 def extra_run(args, requests, report: Report) -> None:
-    """TP=1 without async scheduling: the TP executor runs steps synchronously today, so this
-    is the like-for-like baseline of its scaling (reported beside, not instead)."""
+    """TP=1 without async scheduling, the baseline of the session-3 figures (reported
+    beside, not instead)."""
+    tp2_against(args, requests, report, "tp1_sync", "tp2_over_tp1_sync",
+                "TP=2 / TP=1 without async scheduling", tp=1, sync=True)
+
+
+def tp2_against(args, requests, report: Report, name: str, key: str, label: str, tp: int,
+                **variant) -> None:
+    """One more engine (`variant` of run_engine), W1 only; TP=2's throughput over it goes to
+    the summary under `key`."""
     if remaining(args) < 150:
-        log("tp1_sync: skipped (deadline)")
+        log(f"{name}: skipped (deadline)")
         return
-    sync = run_engine(1, args, [], requests, report, sync=True)
+    other = run_engine(tp, args, [], requests, report, **variant)
     two = report.data["phases"].get("tp2") or {}
-    if sync and isinstance(sync.get("throughput"), dict) and \
+    if other and isinstance(other.get("throughput"), dict) and \
             isinstance(two.get("throughput"), dict):
-        ratio = two["throughput"]["output_tok_s"] / sync["throughput"]["output_tok_s"]
-        report.data["phases"]["summary"]["tp2_over_tp1_sync"] = ratio
+        ratio = two["throughput"]["output_tok_s"] / other["throughput"]["output_tok_s"]
+        report.data["phases"]["summary"][key] = ratio
         report.write()
-        log(f"TP=2 / TP=1 without async scheduling: {ratio:.2f}x")
+        log(f"{label}: {ratio:.3f}x")
 
 
 def summarize(one: dict | None, two: dict | None, report: Report) -> int:
