@@ -53,6 +53,40 @@ class FakePlatform(Platform):
 '''
 
 
+def cpu_hosted_plugin(module: str, platform_class: str, worker_class: str, *, name: str,
+                      device: str, priority: int, backend: str, backend_class: str) -> str:
+    """Body of a plugin that registers `module`'s real platform and attention backend under
+    their own names, with the worker computing on the CPU: everything but the device is the
+    plugin's own (for plugins whose hardware is not here)."""
+    return f'''
+import torch
+
+from {module}.platform import {platform_class}
+from {module}.worker import {worker_class}
+
+
+class CpuHostedWorker({worker_class}):
+    def torch_device(self):
+        return torch.device("cpu")
+
+
+class CpuHostedPlatform({platform_class}):
+    def worker_class(self):
+        return __name__ + ":CpuHostedWorker"
+
+
+@hookimpl
+def kvport_register_platforms(register):
+    register(name="{name}", device_type="{device}", platform_class=__name__ + ":CpuHostedPlatform",
+             is_available=lambda: (True, "faked"), priority={priority})
+
+
+@hookimpl
+def kvport_register_attention_backends(register):
+    register(name="{backend}", backend_class="{backend_class}", device_types=("{device}",))
+'''
+
+
 def platform_hook(name: str, device: str, *, priority: int = 50, available: bool = True,
                   reason: str = "", check: str | None = None,
                   platform_class: str = '__name__ + ":FakePlatform"') -> str:

@@ -82,16 +82,22 @@ def test_stop_strings_end_one_step_late_without_leaking(pair):
     assert_clean(async_llm)
 
 
-def test_chunked_prefill_and_preemption(tiny_llama_dir, pair):
-    sync_llm, _ = pair
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+def assert_tight_cache_matches(model_dir, sync_llm, params, max_num_batched_tokens: int):
+    """An async engine with a 12-block cache (so it preempts) and chunked prefill gives the
+    synchronous engine's tokens and leaves no state behind."""
     expected = sync_llm.generate(PROMPTS, params, use_tqdm=False)
-    tight = make_llm(tiny_llama_dir, True, num_blocks=12, block_size=16, max_model_len=192,
-                     max_num_batched_tokens=7)
+    tight = make_llm(model_dir, True, num_blocks=12, block_size=16, max_model_len=192,
+                     max_num_batched_tokens=max_num_batched_tokens)
     got = tight.generate(PROMPTS, params, use_tqdm=False)
     assert tight.engine.scheduler.num_preemptions > 0
     assert token_ids(got) == token_ids(expected)
     assert_clean(tight)
+
+
+def test_chunked_prefill_and_preemption(tiny_llama_dir, pair):
+    sync_llm, _ = pair
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    assert_tight_cache_matches(tiny_llama_dir, sync_llm, params, max_num_batched_tokens=7)
 
 
 def test_prefix_caching_with_pending_tokens(tiny_llama_dir):
@@ -137,14 +143,7 @@ def test_mixed_sampling_in_one_batch_under_preemption(tiny_llama_dir, pair):
                              ignore_eos=True),
               SamplingParams(max_tokens=25, temperature=0.0, logprobs=2, ignore_eos=True)]
     per_prompt = [params[i % 4] for i in range(len(PROMPTS))]
-    expected = sync_llm.generate(PROMPTS, per_prompt, use_tqdm=False)
-    tight = make_llm(tiny_llama_dir, True, num_blocks=12, block_size=16, max_model_len=192,
-                     max_num_batched_tokens=32)
-    got = tight.generate(PROMPTS, per_prompt, use_tqdm=False)
-    assert tight.engine.scheduler.num_preemptions > 0
-    assert token_ids(got) == token_ids(expected)
-    assert_clean(tight)
-
+    assert_tight_cache_matches(tiny_llama_dir, sync_llm, per_prompt, max_num_batched_tokens=32)
 
 
 @pytest.mark.parametrize("flags, expected", [([], None), (["--async-scheduling"], True),

@@ -22,7 +22,7 @@ if importlib.util.find_spec("kvport_gaudi") is None:
 from kvport_gaudi import detect  # noqa: E402
 
 from kvport.platforms.registry import PlatformSelectionError, PluginRegistry  # noqa: E402
-from plugin_fakes import REPO_ROOT, fakes  # noqa: E402,F401
+from plugin_fakes import REPO_ROOT, cpu_hosted_plugin, fakes  # noqa: E402,F401
 
 FAKE_HABANA = {
     "habana_frameworks/__init__.py": "",
@@ -196,36 +196,9 @@ def test_graph_wrapping_follows_availability(habana):
     assert wrap is None and "graphs is not importable" in why
 
 
-CPU_GAUDI_PLUGIN = '''
-import torch
-
-from kvport_gaudi.platform import GaudiPlatform
-from kvport_gaudi.worker import GaudiWorker
-
-
-class CpuGaudiWorker(GaudiWorker):
-    """The Gaudi worker, computing on the CPU: everything but the device is Gaudi's."""
-
-    def torch_device(self):
-        return torch.device("cpu")
-
-
-class CpuGaudiPlatform(GaudiPlatform):
-    def worker_class(self):
-        return __name__ + ":CpuGaudiWorker"
-
-
-@hookimpl
-def kvport_register_platforms(register):
-    register(name="hpu", device_type="hpu", platform_class=__name__ + ":CpuGaudiPlatform",
-             is_available=lambda: (True, "faked"), priority=40)
-
-
-@hookimpl
-def kvport_register_attention_backends(register):
-    register(name="hpu_flat", backend_class="kvport_gaudi.attention:GaudiPagedBackend",
-             device_types=("hpu",))
-'''
+CPU_GAUDI_PLUGIN = cpu_hosted_plugin(
+    "kvport_gaudi", "GaudiPlatform", "GaudiWorker", name="hpu", device="hpu", priority=40,
+    backend="hpu_flat", backend_class="kvport_gaudi.attention:GaudiPagedBackend")
 
 PROMPTS = [[(7 * i + j * j) % 290 + 3 for j in range(3 + 19 * i)] for i in range(5)]
 

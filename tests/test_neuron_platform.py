@@ -23,7 +23,7 @@ from kvport_neuron import detect  # noqa: E402
 
 from kvport.core.config import EngineConfig  # noqa: E402
 from kvport.platforms.registry import PlatformSelectionError, PluginRegistry  # noqa: E402
-from plugin_fakes import REPO_ROOT, fakes  # noqa: E402,F401
+from plugin_fakes import REPO_ROOT, cpu_hosted_plugin, fakes  # noqa: E402,F401
 
 GiB = 2**30
 
@@ -125,36 +125,10 @@ def test_kvport_plugins_lists_neuron_as_unavailable_with_its_reason():
     assert "why not: no /dev/neuron* and torch_neuronx not importable" in render_table(data)
 
 
-CPU_NEURON_PLUGIN = '''
-import torch
-
-from kvport_neuron.platform import NeuronPlatform
-from kvport_neuron.worker import NeuronWorker
-
-
-class CpuNeuronWorker(NeuronWorker):
-    """The Neuron worker, computing on the CPU: everything but the device is Neuron's."""
-
-    def torch_device(self):
-        return torch.device("cpu")
-
-
-class CpuNeuronPlatform(NeuronPlatform):
-    def worker_class(self):
-        return __name__ + ":CpuNeuronWorker"
-
-
-@hookimpl
-def kvport_register_platforms(register):
-    register(name="neuron", device_type="neuron", platform_class=__name__ + ":CpuNeuronPlatform",
-             is_available=lambda: (True, "faked"), priority=50)
-
-
-@hookimpl
-def kvport_register_attention_backends(register):
-    register(name="neuron_paged", backend_class="kvport_neuron.attention:NeuronPagedBackend",
-             device_types=("neuron",))
-'''
+CPU_NEURON_PLUGIN = cpu_hosted_plugin(
+    "kvport_neuron", "NeuronPlatform", "NeuronWorker", name="neuron", device="neuron",
+    priority=50, backend="neuron_paged",
+    backend_class="kvport_neuron.attention:NeuronPagedBackend")
 
 
 def test_neuron_worker_pads_steps_and_serves_the_reference_tokens(trainium, fakes,

@@ -69,7 +69,6 @@ def _install() -> None:
 
 
 def _wrap_rank(steps_class, seconds, calls, meta) -> None:
-    launch = steps_class.execute_model_async
     state = {"profiled": 0, "profiler": None, "last_end": None}
 
     def execute_model_async(self, scheduler_output):
@@ -96,7 +95,6 @@ def _wrap_rank(steps_class, seconds, calls, meta) -> None:
         state["last_end"] = time.perf_counter()
         return result
     steps_class.execute_model_async = execute_model_async
-    del launch
 
 
 def _profile_step(state, meta) -> None:
