@@ -32,13 +32,14 @@ def build_model(model_info: ModelInfo, model_class: Callable[..., nn.Module],
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"torch_dtype must be a torch dtype or its name, got {torch_dtype!r}")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = model_class(model_info.hf_config, attn_backend, **(model_kwargs or {}))
-    finally:
-        torch.set_default_dtype(previous)
+    with torch.device("meta"):
+        model = model_class(model_info.hf_config, attn_backend, **(model_kwargs or {}))
+    # Parameters take the model dtype on the meta device (nothing is allocated yet); buffers
+    # keep the dtype their module chose (the rotary table stays float32). Not through
+    # torch.set_default_dtype: that is process-wide, and ranks built as threads race on it.
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
     model.to_empty(device=torch.device(device))
     for module in model.modules():
         reset = getattr(module, "reset_cache", None)
