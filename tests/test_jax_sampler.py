@@ -70,7 +70,8 @@ def test_greedy_penalties_and_min_tokens_match_torch(rng):
     ours = np.asarray(penalized_logits(padded_logits(logits), batch, flags))[:len(rows)]
     md = SamplingMetadata.from_states(torch_states(rows), V, "cpu")
     theirs = torch.from_numpy(logits.copy())
-    theirs[md.min_tokens_rows, md.min_tokens_cols] = float("-inf")
+    if md.min_tokens_rows is not None:     # None: no row is under its min_tokens
+        theirs[md.min_tokens_rows, md.min_tokens_cols] = float("-inf")
     theirs = apply_penalties(theirs, md).numpy()
     np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
     tokens, _ = sample_jit(padded_logits(logits), batch, flags)
