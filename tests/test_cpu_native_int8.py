@@ -1,6 +1,6 @@
-"""kvport-cpu's native int8 row kernels (csrc/int8_rows.cpp) against the torch ops of
-kvport/models/quantization.py they replace: bit-identical outputs, clear errors, and the CPU
-worker wiring them into `--quantization int8` models.
+"""kvport-cpu's native int8 kernels (csrc/int8_rows.cpp, csrc/int8_linear.h) against the
+torch ops of kvport/models/quantization.py they replace: bit-identical outputs, clear errors,
+and the CPU worker wiring them into `--quantization int8` models.
 
 The first test in a process builds the extension (~20 s on 2 cores, cached on disk after)."""
 from __future__ import annotations
@@ -13,11 +13,11 @@ from kvport.models.quantization import Int8DynamicLinear, Int8RowKernels
 
 @pytest.fixture(scope="module")
 def kernels() -> Int8RowKernels:
-    from kvport_cpu.native import int8_row_ops
+    from kvport_cpu.native import int8_linear_op, int8_row_ops
     built = int8_row_ops()
     if built.op is None:
         pytest.skip(f"native int8 row kernels unavailable: {built.reason}")
-    return Int8RowKernels(quantize=built.op, rescale=built.out)
+    return Int8RowKernels(quantize=built.op, rescale=built.out, linear=int8_linear_op().op)
 
 
 def torch_quantize(x: torch.Tensor):
@@ -59,9 +59,52 @@ def test_linear_with_kernels_equals_the_torch_path(kernels):
     weight, bias = torch.randn(96, 64, generator=g) * 0.05, torch.randn(96, generator=g)
     plain = Int8DynamicLinear(weight, bias)
     native = Int8DynamicLinear(weight, bias, kernels)
+    halves = Int8DynamicLinear(weight, bias, Int8RowKernels(kernels.quantize, kernels.rescale))
     for rows in (1, 4, 33):
         x = torch.randn(2, rows, 64, generator=g)
-        assert torch.equal(native(x), plain(x))
+        assert torch.equal(native(x), plain(x)) and torch.equal(halves(x), plain(x))
+
+
+# int8_linear: every row count of the weight-streaming product (1..8, each its own unrolled
+# kernel) and past it (_int_mm); K with and without a partial 64-byte tail; N not a
+# multiple of the 4 rows the kernel takes at a time.
+@pytest.mark.parametrize("out_features, in_features", [(3072, 576), (576, 1536), (37, 70),
+                                                       (5, 3), (1000, 4160)])
+def test_int8_linear_is_bit_identical(kernels, out_features, in_features):
+    g = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) * 0.05
+    weight[0] = 0.0                                   # an all-zero weight row
+    layer = Int8DynamicLinear(weight, torch.randn(out_features, generator=g))
+    unbiased = Int8DynamicLinear(weight, None)
+    for rows in (*range(1, 10), 33):
+        x = torch.randn(rows, in_features, generator=g) * 3
+        got = kernels.linear(x, layer.qweight, layer.weight_scale, layer.bias)
+        assert torch.equal(got, layer(x)), rows       # layer(x): the torch ops
+        got = kernels.linear(x, unbiased.qweight, unbiased.weight_scale, None)
+        assert torch.equal(got, unbiased(x)), rows
+
+
+def test_int8_linear_extremes_are_exact(kernels):
+    """All weights and activations at +-127 over K = 4096: the largest int32 sums the
+    shifted (unsigned) activations of the VNNI product can reach, against _int_mm."""
+    K = 4096
+    sign = torch.tensor([1.0, -1.0]).repeat(K // 2)
+    weight = torch.stack([sign, -sign, torch.ones(K), -torch.ones(K)])
+    layer = Int8DynamicLinear(weight, None)
+    x = torch.stack([sign, torch.ones(K), -torch.ones(K)])
+    assert torch.equal(kernels.linear(x, layer.qweight, layer.weight_scale, None), layer(x))
+
+
+def test_int8_linear_refuses_bad_inputs(kernels):
+    q = torch.zeros(4, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="2-D float32"):
+        kernels.linear(torch.zeros(2, 8, dtype=torch.float64), q, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match=r"contiguous int8 \[N, K=6\]"):
+        kernels.linear(torch.zeros(2, 6), q, torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="one float32 per output row"):
+        kernels.linear(torch.zeros(2, 8), q, torch.ones(3), None)
+    with pytest.raises(RuntimeError, match="bias must hold"):
+        kernels.linear(torch.zeros(2, 8), q, torch.ones(4), torch.ones(5))
 
 
 def test_bad_inputs_are_refused_clearly(kernels):
@@ -72,8 +115,11 @@ def test_bad_inputs_are_refused_clearly(kernels):
                         torch.ones(4), None)
 
 
-def test_cpu_worker_uses_them_for_int8(kernels, tiny_llama_dir):
+def test_cpu_worker_uses_them_for_int8(kernels, tiny_llama_dir, monkeypatch):
     from kvport import LLM, SamplingParams
+    from kvport_cpu.worker import CpuWorker
+    # decode steps on the modules too, so that every step goes through the kernels compared
+    monkeypatch.setattr(CpuWorker, "use_native_decoder", False)
     llm = LLM(model=tiny_llama_dir, quantization="int8", max_num_seqs=4)
     layers = [m for m in llm.engine.worker.model.modules() if isinstance(m, Int8DynamicLinear)]
     assert layers and all(m.kernels == kernels for m in layers)

@@ -12,7 +12,8 @@ The embedding lookup stays in float; a tied LM head gets its own int8 copy.
 A platform may supply `Int8RowKernels`: one-pass versions of the two element-wise halves
 (quantizing the activations, rescaling the int32 product), bit-identical to the torch ops
 here; at decode sizes the five or six torch ops each half takes cost more in dispatch than in
-arithmetic (kvport-cpu builds them natively).
+arithmetic (kvport-cpu builds them natively). It may also supply the whole layer in one call
+(`linear`, also bit-identical), e.g. with a weight-streaming int8 product for a few rows.
 """
 from __future__ import annotations
 
@@ -39,9 +40,12 @@ def int8_matmul_available() -> bool:
 @dataclass(frozen=True)
 class Int8RowKernels:
     """quantize(x [M, K] float32) -> (int8 [M, K], scale [M, 1]);
-    rescale(acc [M, N] int32, scale [M, 1], weight_scale [N], bias [N] | None) -> float32."""
+    rescale(acc [M, N] int32, scale [M, 1], weight_scale [N], bias [N] | None) -> float32;
+    linear (optional): (x [M, K] float32, qweight [N, K] int8, weight_scale [N],
+    bias [N] | None) -> [M, N] float32, all three steps at once."""
     quantize: Callable
     rescale: Callable
+    linear: Callable | None = None
 
 
 class Int8DynamicLinear(nn.Module):
@@ -67,6 +71,9 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()                      # [M, K]
+        if self.kernels is not None and self.kernels.linear is not None:
+            out = self.kernels.linear(x2, self.qweight, self.weight_scale, self.bias)
+            return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
         if self.kernels is not None:
             qx, scale = self.kernels.quantize(x2)
             acc = torch._int_mm(qx, self.qweight.t())

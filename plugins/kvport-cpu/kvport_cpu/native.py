@@ -33,7 +33,7 @@ class NativeOp:
 
 
 _lock = threading.Lock()
-_built: dict[str, NativeOp] = {}      # library name -> result, once per process
+_built: dict[str, str | None] = {}   # source -> None (loaded) or why not, once per process
 
 
 def paged_decode_op() -> NativeOp:
@@ -65,11 +65,34 @@ def int8_row_ops() -> NativeOp:
                                              torch.ops.kvport_cpu_int8.rescale_rows))
 
 
+def int8_linear_op() -> NativeOp:
+    """csrc/int8_rows.cpp's whole int8 linear layer in one call:
+
+    op:  torch.ops.kvport_cpu_int8.int8_linear(x [M, K] float32, qweight [N, K] int8,
+         weight_scale [N] float32, bias [N] or None) -> [M, N] float32
+
+    bit-identical to Int8DynamicLinear's torch ops; a few rows (decode) stream the weights
+    through csrc/int8_linear.h's VNNI kernel, more go through torch._int_mm.
+    """
+    return _load("int8_rows", lambda torch: (torch.ops.kvport_cpu_int8.int8_linear,))
+
+
+def llama_decoder_class() -> NativeOp:
+    """csrc/llama_decode.cpp: op = torch.classes.kvport_cpu_llama.LlamaDecoder, a whole
+    decode step of a Llama-family model in one call (kvport_cpu/native_decoder.py builds it
+    from a loaded model)."""
+    return _load("llama_decode", lambda torch: (torch.classes.kvport_cpu_llama.LlamaDecoder,))
+
+
 def _load(source: str, get_op) -> NativeOp:
     with _lock:               # threads of one process build once; torch locks across processes
         if source not in _built:
-            _built[source] = _build(source, get_op)
-        return _built[source]
+            _built[source] = _build(source)
+        failure = _built[source]
+    if failure is not None:
+        return NativeOp(None, reason=failure)
+    import torch
+    return NativeOp(*get_op(torch))
 
 
 def _arch_flags() -> list[str]:
@@ -117,25 +140,25 @@ def _name(source: str) -> str:
     return f"kvport_cpu_{source}_{key.hexdigest()[:10]}"
 
 
-def _build(source: str, get_op) -> NativeOp:
+def _build(source: str) -> str | None:
+    """Build or load csrc/<source>.cpp into this process: None, or why it failed."""
     try:
-        import torch
         from torch.utils import cpp_extension
     except ImportError as exc:
-        return NativeOp(None, reason=f"torch C++ extensions unavailable ({exc})")
+        return f"torch C++ extensions unavailable ({exc})"
     compiler = os.environ.get("CXX", "c++")     # the compiler cpp_extension itself uses
     if shutil.which(compiler) is None:
-        return NativeOp(None, reason=f"no C++ compiler ({compiler!r} not found)")
+        return f"no C++ compiler ({compiler!r} not found)"
     if not cpp_extension.is_ninja_available():
-        return NativeOp(None, reason="ninja not found (torch's JIT build needs it)")
+        return "ninja not found (torch's JIT build needs it)"
     name = _name(source)
     try:
         cpp_extension.load(name=name, sources=[os.path.join(_CSRC, f"{source}.cpp")],
                            extra_cflags=_cflags(), extra_ldflags=_openmp_flags(),
                            is_python_module=False, verbose=False)
-        return NativeOp(*get_op(torch))
+        return None
     except Exception as exc:   # noqa: BLE001 - any build/load failure means: no native op
-        return NativeOp(None, reason=_failure(name, exc))
+        return _failure(name, exc)
 
 
 def _failure(name: str, exc: Exception) -> str:
