@@ -129,3 +129,37 @@ def test_cpu_worker_uses_them_for_int8(kernels, tiny_llama_dir, monkeypatch):
         m.kernels = None                          # the torch ops: the same tokens
     assert llm.generate([[5, 6, 7, 8]], params, use_tqdm=False)[0].outputs[0].token_ids == got
     llm.engine.shutdown()
+
+
+def test_plain_loop_product_is_bit_identical(kernels, tmp_path, monkeypatch):
+    """The int8 product that CPUs without AVX-512 VNNI compile (gemv_rows_plain), built here
+    with VNNI turned off under another library name, against the torch ops."""
+    import os
+    import platform
+
+    from torch.utils import cpp_extension
+
+    from kvport_cpu import native
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the VNNI switch is an x86 compiler flag")
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        if "avx512_vnni" not in f.read():
+            pytest.skip("this CPU builds the plain-loop product already (no AVX-512 VNNI)")
+    with open(os.path.join(native._CSRC, "int8_rows.cpp"), encoding="utf-8") as f:
+        source = f.read().replace("kvport_cpu_int8", "kvport_cpu_int8_plain_test")
+    (tmp_path / "int8_plain.cpp").write_text(source)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    cpp_extension.load(name="kvport_cpu_int8_plain_test",
+                       sources=[str(tmp_path / "int8_plain.cpp")],
+                       extra_include_paths=[native._CSRC],
+                       extra_cflags=native._cflags() + ["-mno-avx512vnni"],
+                       extra_ldflags=native._openmp_flags(), is_python_module=False)
+    plain = torch.ops.kvport_cpu_int8_plain_test.int8_linear
+    g = torch.Generator().manual_seed(11)
+    for out_features, in_features in ((3072, 576), (37, 70)):
+        layer = Int8DynamicLinear(torch.randn(out_features, in_features, generator=g) * 0.05,
+                                  torch.randn(out_features, generator=g))
+        for rows in (1, 2, 5, 8, 9):
+            x = torch.randn(rows, in_features, generator=g)
+            assert torch.equal(plain(x, layer.qweight, layer.weight_scale, layer.bias),
+                               layer(x)), (out_features, in_features, rows)
