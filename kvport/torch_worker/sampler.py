@@ -306,16 +306,24 @@ class Sampler:
         if md.min_p is not None:
             logits = apply_min_p(logits, md.min_p)
         probs = logits.softmax(dim=-1)
-        # Exp(1) noise as -log(U), U uniform in [0, 1): the same distribution as
-        # exponential_, which on a CPU measured 1.35 ms for a 49,152-token row against
-        # 0.34 ms (a quarter of a 135M model's whole decode step at batch 1).
-        q = torch.empty_like(probs)
-        if md.num_unseeded_random:
-            q.uniform_()
-        for row, gen in md.generators.items():
-            q[row].uniform_(generator=gen)
-        q.log_().neg_()
-        # U = 0 gives q = inf: that token cannot win. U < 1 keeps q > 0; the guard stays so
-        # that a masked token (prob 0) can never win via 0/0 whatever the noise source.
+        q = _exponential_noise(probs, md)
+        # exponential_ may return 0 exactly; a masked token (prob 0) must never win via 0/0.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return probs.div_(q).argmax(dim=-1)
+
+
+def _exponential_noise(probs: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Exp(1) noise shaped like `probs`; rows with their own generator draw from it.
+
+    On a CPU it is drawn as -log(U), U uniform in [0, 1) (the same distribution):
+    `exponential_` measured 1.35 ms for a 49,152-token row there against 0.34 ms, a tenth of
+    a 135M model's whole decode step at batch 1. On accelerators `exponential_` is one kernel
+    where -log(U) would be three passes over [batch, vocab].
+    """
+    q = torch.empty_like(probs)
+    fill = "uniform_" if q.is_cpu else "exponential_"
+    if md.num_unseeded_random:
+        getattr(q, fill)()
+    for row, gen in md.generators.items():
+        getattr(q[row], fill)(generator=gen)
+    return q.log_().neg_() if q.is_cpu else q
