@@ -102,6 +102,13 @@ class CpuPagedMetadata:
     prefills: list[PrefillChunk] = field(default_factory=list)
     workspace_blocks: int = 0        # largest gather of one group or chunk, in blocks
 
+    @property
+    def all_native_decode(self) -> bool:
+        """Every token of the step is a single-query request on the native op, in order."""
+        native = self.native_decode
+        return (native is not None and not self.prefills and native.in_order
+                and native.token_idx.numel() == self.num_tokens)
+
 
 class CpuPagedAttentionBackend(AttentionBackend):
     """Paged attention on CPU: decodes on the native op (else one fused SDPA per decode
@@ -292,8 +299,7 @@ class CpuPagedAttentionBackend(AttentionBackend):
 
         T = query.shape[0]
         groups, prefills, native = metadata.decode_groups, metadata.prefills, metadata.native_decode
-        if native is not None and not prefills and native.in_order and \
-                native.token_idx.numel() == T:
+        if metadata.all_native_decode:
             return self._native_decode(query, kv_cache, native).to(query.dtype)   # pure decode
         q_all = query.to(cache_dtype)
         pages = kv_cache.view(2 * kv_cache.shape[1], bs * kvh * d)     # keys' rows, values' rows

@@ -105,10 +105,9 @@ class NativeDecodeModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn_metadata) -> torch.Tensor:
-        native = getattr(attn_metadata, "native_decode", None)
-        if (native is None or attn_metadata.prefills or not native.in_order
-                or native.token_idx.numel() != input_ids.numel()):
+        if not attn_metadata.all_native_decode:
             return self.model(input_ids, positions, kv_caches, attn_metadata)
+        native = attn_metadata.native_decode
         x = self.model.model.embed_tokens(input_ids)
         return self.decoder.forward(x, positions, kv_caches, native.block_table,
                                     native.seq_lens, attn_metadata.slot_mapping)

@@ -285,18 +285,21 @@ class LlamaDecoder : public torch::CustomClassHolder {
     for (int64_t m = 0; m < M; ++m)
       TORCH_CHECK(pos[m] >= 0 && pos[m] < cos_sin_.size(0), "LlamaDecoder.forward: position ",
                   pos[m], " is outside the rotary table's ", cos_sin_.size(0), " positions");
+    if (kv_caches.empty()) return;
+    const at::Tensor& first = kv_caches[0];
     for (const at::Tensor& cache : kv_caches) {
       TORCH_CHECK(cache.scalar_type() == at::kFloat && cache.dim() == 5 && cache.size(0) == 2 &&
-                      cache.size(3) == KVH_ && cache.size(4) == D_ && cache.is_contiguous(),
+                      cache.size(3) == KVH_ && cache.size(4) == D_ && cache.is_contiguous() &&
+                      cache.sizes() == first.sizes(),
                   "LlamaDecoder.forward: KV caches must be contiguous float32 [2, blocks, "
-                  "block_size, ", KVH_, ", ", D_, "], got ", cache.scalar_type(), " ",
-                  cache.sizes());
-      const int64_t capacity = cache.size(1) * cache.size(2);
-      const int64_t* slots = slot_mapping.data_ptr<int64_t>();
-      for (int64_t m = 0; m < M; ++m)
-        TORCH_CHECK(slots[m] >= 0 && slots[m] < capacity, "LlamaDecoder.forward: slot ",
-                    slots[m], " is outside the cache's ", capacity, " slots");
+                  "block_size, ", KVH_, ", ", D_, "], all of one shape, got ",
+                  cache.scalar_type(), " ", cache.sizes());
     }
+    const int64_t capacity = first.size(1) * first.size(2);   // every layer's, checked above
+    const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+    for (int64_t m = 0; m < M; ++m)
+      TORCH_CHECK(slots[m] >= 0 && slots[m] < capacity, "LlamaDecoder.forward: slot ",
+                  slots[m], " is outside the cache's ", capacity, " slots");
   }
 
   int64_t C_, H_, KVH_, D_;
