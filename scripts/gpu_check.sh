@@ -12,6 +12,9 @@
 #   profile    add a kernel-time profile of a short run to w1
 #   compare    add a run of kvport without async scheduling to w1 (for the record)
 #   jax        W1 through kvport-tpu's JAX worker (--device xla, jax with CUDA) on w1's model
+#   tp         two or more GPUs: the fused-kernel tests, then tensor parallelism (tp_check.py:
+#              TP=2 against TP=1 on a Llama-3.1-8B-shaped model, agreement and W1); extra
+#              tp_check.py flags in $KVPORT_TP_ARGS, its deadline in $KVPORT_TP_DEADLINE
 # Results go to $OUT (default /tmp/kvport-gpu-check): tests.log, gpu_report.json,
 # bandwidth.json, w1.json and the logs. The W1 peer and roofline need copies of
 # ../shared/tools/peers_gpu.py and roofline.py in $KVPORT_GPU_TOOLS (default .gpu_tools, a
@@ -73,7 +76,8 @@ EOF
 if has tests; then
     run tests $PY -m pytest -q -p no:cacheprovider -n 8 --dist load --durations=10 \
         tests/gpu tests/test_triton_paged.py tests/test_cuda_platform.py \
-        tests/test_cuda_platform_runner.py tests/test_rocm_platform.py
+        tests/test_cuda_platform_runner.py tests/test_cuda_fused_elementwise.py \
+        tests/test_fast_all_reduce.py tests/test_rocm_platform.py
     $PY - "$REPORT" "$OUT/gpu_report.json" <<'EOF'
 import glob, json, os, sys
 folder, target = sys.argv[1:]
@@ -127,6 +131,15 @@ if has jax; then
         /tmp/kvport-w1-llama
     run jax_w1 $PY plugins/kvport-tpu/bench/gpu_check.py w1 /tmp/kvport-w1-llama \
         --deadline "${KVPORT_JAX_DEADLINE:-240}" --json "$OUT/jax_w1.json"
+fi
+if has tp; then
+    run tp_kernels $PY -m pytest -q -p no:cacheprovider -x tests/test_cuda_fused_elementwise.py \
+        tests/test_fast_all_reduce.py
+    if [[ "$failed" != *tp_kernels* ]]; then
+        # shellcheck disable=SC2086  # KVPORT_TP_ARGS is a list of flags
+        run tp $PY plugins/kvport-cuda/bench/tp_check.py --json "$OUT/tp_check.json" \
+            --deadline "${KVPORT_TP_DEADLINE:-420}" ${KVPORT_TP_ARGS:-}
+    fi
 fi
 echo "=== done; failed stages:${failed:- none}"
 [ -z "$failed" ]

@@ -26,6 +26,30 @@ class RecordingAllReduce:
         self.calls.append(x.numel())
         x.add_(100)
 
+    def staging_for(self, shape, dtype):
+        return None                                  # no buffer of its own: copies in
+
+    def all_reduce_staged(self, staged):
+        raise AssertionError("staging_for offered no buffer")
+
+
+class StagingAllReduce(RecordingAllReduce):
+    """Offers its own buffer for the product; its "sum" adds 1000."""
+
+    def __init__(self, max_numel: int):
+        super().__init__(max_numel)
+        self.buffer = torch.full((max_numel,), float("nan"))
+        self.staged_calls: list[int] = []
+
+    def staging_for(self, shape, dtype):
+        numel = int(torch.Size(shape).numel())
+        return self.buffer[:numel].view(shape) if numel <= self.max_numel else None
+
+    def all_reduce_staged(self, staged):
+        assert staged.data_ptr() == self.buffer.data_ptr()
+        self.staged_calls.append(staged.numel())
+        return staged + 1000
+
 
 def test_group_routes_by_what_the_platform_handles(monkeypatch):
     backend_calls: list[int] = []
@@ -51,6 +75,37 @@ def test_one_rank_never_reduces():
     x = torch.ones(4)
     assert torch.equal(group.all_reduce(x), torch.ones(4)) and fast.calls == []
     assert SINGLE_GROUP.fast_all_reduce is None
+
+
+@torch.inference_mode()
+def test_row_parallel_product_goes_into_the_all_reduce_buffer(monkeypatch):
+    """The row-parallel matmul writes its partial product where the platform's all-reduce
+    reads it; a product the platform does not take is computed apart and reduced as before."""
+    from kvport.models.parallel_layers import RowParallelLinear
+    backend_calls: list[int] = []
+    monkeypatch.setattr(dist, "all_reduce", lambda x: backend_calls.append(x.numel()))
+    group = TensorParallelGroup(rank=0, world_size=2)
+    layer = RowParallelLinear(8, 0, 4, 6, bias=True, tp=group)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(6, 4, generator=torch.Generator().manual_seed(0)))
+        layer.bias.copy_(torch.arange(6.0))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(1))
+    product = x @ layer.weight.t()
+
+    fast = StagingAllReduce(max_numel=18)
+    group.fast_all_reduce = fast
+    out = layer(x)
+    assert fast.staged_calls == [18] and fast.calls == [] and backend_calls == []
+    assert torch.allclose(fast.buffer.view(3, 6), product)          # written there, in place
+    assert torch.allclose(out, product + 1000 + layer.bias)
+
+    bigger = torch.randn(4, 4)                                       # 24 > 18 elements
+    out = layer(bigger)
+    assert fast.staged_calls == [18] and backend_calls == [24]       # NCCL's way, no staging
+    assert torch.allclose(out, bigger @ layer.weight.t() + layer.bias)
+
+    group.fast_all_reduce = RecordingAllReduce(max_numel=18)          # no buffer offered
+    assert torch.allclose(layer(x), product + 100 + layer.bias)
 
 
 @pytest.mark.parametrize("flags, expected", [([], True), (["--custom-all-reduce"], True),

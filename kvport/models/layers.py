@@ -84,9 +84,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+class RotaryRotation(nn.Module):
+    """Rotates a layer's queries and keys by the step's cos/sin (`apply_rotary` on each).
+
+    A module rather than a function call so that a platform can swap in a kernel doing both
+    in one launch, as it swaps RMSNorm (kvport-cuda's FusedRotaryRotation): in plain torch
+    the rotation is seven element-wise kernels per tensor, per layer. Implementations may
+    rotate `q` and `k` in place; callers pass tensors they own.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, heads, D], k [T, kv_heads, D]; cos, sin [T, D/2] -> rotated (q, k)."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin for every position below max_positions, precomputed in float32 and looked up
-    by the step's positions once per step; every layer then calls `apply_rotary`."""
+    by the step's positions once per step; every layer's RotaryRotation then applies them."""
 
     def __init__(self, head_size: int, max_positions: int, rope: RopeConfig):
         super().__init__()
@@ -125,6 +140,16 @@ class RotaryEmbedding(nn.Module):
 # MLP
 # --------------------------------------------------------------------------------------------
 
+class SiluAndMul(nn.Module):
+    """silu(gate) * up for x = [gate | up] along the last dimension (a module so that a
+    platform can swap in one kernel for the two element-wise ones)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, 2 * inter] -> [T, inter]."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+
 class GatedMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul.
 
@@ -143,7 +168,7 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = ColumnParallelLinear(hidden_size, {0: rows, 1: rows}, bias=bias)
         self.down_proj = RowParallelLinear(intermediate_size, start, count, hidden_size,
                                            bias=bias, tp=tp)
+        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)         # [T, inter] each
-        return self.down_proj(F.silu(gate) * up)                # [T, hidden]
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))     # [T, hidden]

@@ -25,7 +25,7 @@ from torch import nn
 from kvport.attention_backends.interface import AttentionBackend
 from kvport.core.model_info import uniform_sliding_window
 from kvport.core.tensor_parallel import HeadShard
-from kvport.models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, apply_rotary,
+from kvport.models.layers import (GatedMLP, RMSNorm, RotaryEmbedding, RotaryRotation,
                                   parse_rope_config)
 from kvport.models.parallel_layers import (ColumnParallelLinear, ParallelLMHead,
                                            RowParallelLinear, VocabParallelEmbedding)
@@ -63,6 +63,7 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(head_size, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.rotary = RotaryRotation()
         self.attn_backend = attn_backend
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -74,7 +75,7 @@ class LlamaAttention(nn.Module):
         v = v.reshape(T, self.num_kv_heads, self.head_size).contiguous()
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         out = self.attn_backend.forward(q, k, v, kv_cache, attn_metadata)   # [T, H * D]
         return self.o_proj(out)                                  # [T, hidden]
 

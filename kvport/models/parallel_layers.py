@@ -90,7 +90,7 @@ class RowParallelLinear(_LoadedOnly, nn.Linear):
             y = self.tp.all_reduce(linear_float32_output(x, self.weight))
             y = y if self.bias is None else y + self.bias.float()
             return y.to(x.dtype)
-        y = self.tp.all_reduce(F.linear(x, self.weight))
+        y = self.tp.linear_all_reduce(x, self.weight)
         return y if self.bias is None else y + self.bias
 
     def load_shard(self, name: str, tensor: torch.Tensor, shard_id: Any, hf_name: str) -> None:

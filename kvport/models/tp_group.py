@@ -26,6 +26,15 @@ class FastAllReduce(Protocol):
     def all_reduce_(self, x: torch.Tensor) -> None:
         """Overwrite `x` with its sum over the ranks (every rank calls it, in the same order)."""
 
+    def staging_for(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """A tensor of `shape` and `dtype` in the all-reduce's own input buffer, for a producer
+        (a row-parallel matmul) to write into, saving the copy in; None if this all-reduce does
+        not take such a tensor. Valid until the next all-reduce."""
+
+    def all_reduce_staged(self, staged: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of `staged` (from `staging_for`, written by every rank in the
+        same order of calls), as a new tensor."""
+
 
 class TensorParallelGroup:
     """This process's rank in a group of `world_size` ranks over torch.distributed's default
@@ -56,6 +65,21 @@ class TensorParallelGroup:
                 import torch.distributed as dist
                 dist.all_reduce(x)
         return x
+
+    def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x W^T summed over the ranks: a row-parallel layer's product, written straight into
+        the platform all-reduce's buffer where it offers one (x [..., in], W [out, in])."""
+        fast = self.fast_all_reduce
+        # (out= takes no autograd: under inference_mode / no_grad only, as the runners work)
+        if (self.world_size > 1 and fast is not None and x.device == weight.device
+                and not torch.is_grad_enabled()):
+            shape = (*x.shape[:-1], weight.shape[0])
+            staged = fast.staging_for(shape, x.dtype)
+            if staged is not None:
+                torch.mm(x.reshape(-1, x.shape[-1]), weight.t(),
+                         out=staged.view(-1, weight.shape[0]))
+                return fast.all_reduce_staged(staged)
+        return self.all_reduce(torch.nn.functional.linear(x, weight))
 
     def gather_to_first(self, x: torch.Tensor, size: int) -> torch.Tensor | None:
         """Concatenate every rank's `x` [N, shard] along the last dimension on rank 0 and keep

@@ -152,9 +152,12 @@ def throughput(llm, requests, limit_s: float) -> dict:
         engine.add_request(None, prompt, SamplingParams(max_tokens=n, temperature=0,
                                                         ignore_eos=True))
     complete, last_print = True, start
+    timeline = []                       # per step: end time, running and waiting requests
     while engine.has_unfinished_requests():
         step()
         now = time.perf_counter()
+        timeline.append((now - start, len(engine.scheduler.running),
+                         len(engine.scheduler.waiting)))
         if now - last_print > 10:
             log(f"  {engine.stats.num_generation_tokens - tokens_before} tokens in "
                 f"{now - start:.0f} s")
@@ -170,7 +173,32 @@ def throughput(llm, requests, limit_s: float) -> dict:
             "steps": engine.stats.num_steps - steps_before,
             "output_tok_s": generated / elapsed, "num_kv_blocks": engine.num_blocks,
             "preemptions": engine.scheduler.num_preemptions,
-            "async_scheduling": getattr(engine, "async_scheduling", False)}
+            "async_scheduling": getattr(engine, "async_scheduling", False),
+            "step_phases": step_phases(timeline)}
+
+
+PHASE_BOUNDS = (1, 16, 64, 128, 192, 257)
+
+
+def step_phases(timeline: list[tuple[float, int, int]]) -> dict:
+    """Where the run's time went: the steps while prompts still wait (prefill chunks), then
+    the decode steps by how many requests ran (W1's batch shrinks as requests finish)."""
+    phases: dict = {}
+    previous = 0.0
+    for end, running, waiting in timeline:
+        if waiting:
+            name = "prompts waiting"
+        else:
+            low = max(b for b in PHASE_BOUNDS if b <= max(running, 1))
+            high = min(b for b in PHASE_BOUNDS if b > max(running, 1))
+            name = f"running {low}-{high - 1}"
+        entry = phases.setdefault(name, {"steps": 0, "seconds": 0.0})
+        entry["steps"] += 1
+        entry["seconds"] += end - previous
+        previous = end
+    for entry in phases.values():
+        entry["ms_per_step"] = 1e3 * entry["seconds"] / entry["steps"]
+    return phases
 
 
 def time_for_throughput(leave_room: bool, startup_s: float, args) -> float:
@@ -379,6 +407,10 @@ def summarize(one: dict | None, two: dict | None, report: Report) -> int:
             summary["tp2_output_tok_s"] = t2["output_tok_s"]
             summary["tp2_over_tp1"] = t2["output_tok_s"] / t1["output_tok_s"]
             summary["both_complete"] = t1["complete"] and t2["complete"]
+            summary["phase_seconds_tp1_over_tp2"] = {
+                name: round(t1["step_phases"][name]["seconds"] / phase["seconds"], 3)
+                for name, phase in t2["step_phases"].items()
+                if name in t1["step_phases"] and phase["seconds"] > 0}
     report.phase("summary", summary)
     log("TP summary: " + json.dumps(summary))
     if not (one and two):

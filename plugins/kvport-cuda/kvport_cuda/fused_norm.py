@@ -23,6 +23,7 @@ import triton.language as tl
 from torch import nn
 
 from kvport.models.layers import RMSNorm
+from kvport_cuda.module_swap import replace_modules
 
 
 @triton.jit
@@ -76,10 +77,4 @@ class FusedRMSNorm(RMSNorm):
 
 def fuse_rms_norms(model: nn.Module) -> int:
     """Replace every RMSNorm of `model` by a FusedRMSNorm; returns how many."""
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) is RMSNorm]
-    for name, module in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, FusedRMSNorm.from_module(module))
-    return len(targets)
+    return replace_modules(model, RMSNorm, FusedRMSNorm.from_module)

@@ -3,7 +3,8 @@
 NCCL's all-reduce is built for bandwidth; for the 0.1-4 MiB tensors a decode step sums twice
 per layer its fixed cost (protocol set-up, several kernel phases) dominates. Here every rank
 owns one buffer that the other ranks can read and write over NVLink (peer-to-peer; NVLink
-multicast is not used). A rank copies its input into its buffer, then one kernel sums:
+multicast is not used). A rank's input goes into its buffer (the row-parallel matmul writes
+its product there directly, `staging_for`; other tensors are copied in), then one kernel sums:
 
 * one shot: each rank reads every peer's whole buffer and adds (least latency, small sizes);
 * two shot: each rank reduces its 1/N of the elements and writes them to every peer (less
@@ -53,22 +54,47 @@ class SymmetricMemoryAllReduce:
         self._ops = torch.ops.symm_mem
 
     def handles(self, x: torch.Tensor) -> bool:
+        return (x.device == self.device and x.is_contiguous()
+                and self._fits(x.numel(), x.dtype))
+
+    def _fits(self, numel: int, dtype: torch.dtype) -> bool:
         # float32: the sums of ParallelConfig.tp_reduce_dtype "float32"
-        return (x.dtype in (self.dtype, torch.float32) and x.device == self.device
-                and x.is_contiguous()
-                and x.numel() * x.element_size() <= self.limits.max_bytes
-                and x.numel() % 4 == 0)      # the kernels move at least 8 bytes at a time
+        return (dtype in (self.dtype, torch.float32)
+                and numel * dtype.itemsize <= self.limits.max_bytes
+                and numel % 4 == 0)          # the kernels move at least 8 bytes at a time
+
+    def staging_for(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+        """The start of this rank's symmetric buffer, viewed as `shape`: a row-parallel matmul
+        writes its partial product there and `all_reduce_staged` sums it without copying it
+        in. Valid until the next all-reduce. None for a tensor this all-reduce does not take."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        if not self._fits(numel, dtype):
+            return None
+        # one allocation, viewed in the tensor's dtype (the kernels find it by its storage)
+        return self.buffer.view(dtype)[:numel].view(shape)
+
+    def all_reduce_staged(self, staged: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of every rank's `staged` (from `staging_for`), in a new
+        tensor of its shape."""
+        out = torch.empty_like(staged)
+        self._reduce(staged.view(-1), out.view(-1))
+        return out
 
     def all_reduce_(self, x: torch.Tensor) -> None:
         flat = x.view(-1)
-        # one allocation, viewed in the tensor's dtype (the kernels find it by its storage)
-        staged = self.buffer.view(x.dtype)[:flat.numel()]
+        staged = self.staging_for(tuple(flat.shape), flat.dtype)
         staged.copy_(flat)
-        if flat.numel() * flat.element_size() <= self.limits.one_shot_max_bytes:
-            self._ops.one_shot_all_reduce_out(staged, "sum", self.group_name, flat)
+        self._reduce(staged, flat)
+
+    def _reduce(self, staged: torch.Tensor, out: torch.Tensor) -> None:
+        """out = the sum of `staged` (1-D, in the buffer) over the ranks."""
+        if staged.numel() * staged.element_size() <= self.limits.one_shot_max_bytes:
+            self._ops.one_shot_all_reduce_out(staged, "sum", self.group_name, out)
         else:
             self._ops.two_shot_all_reduce_(staged, "sum", self.group_name)
-            flat.copy_(staged)
+            out.copy_(staged)
 
 
 def symmetric_all_reduce_or_reason(device: torch.device, dtype: torch.dtype,

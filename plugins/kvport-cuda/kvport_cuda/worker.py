@@ -9,6 +9,7 @@ import torch
 from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend
 from kvport.torch_worker.model_runner import TorchModelRunner
 from kvport.torch_worker.worker import TorchWorker
+from kvport_cuda.fused_elementwise import fuse_elementwise
 from kvport_cuda.fused_norm import fuse_rms_norms
 from kvport_cuda.graphs import default_batch_sizes
 from kvport_cuda.memory import MemoryProfile, profile_memory
@@ -49,8 +50,10 @@ class CudaWorker(TorchWorker):
     def load_model(self) -> None:
         super().load_model()
         fused = fuse_rms_norms(self.model)
-        logger.info("fused %d RMSNorm layers (with their residual adds) into Triton kernels",
-                    fused)
+        counts = fuse_elementwise(self.model)
+        logger.info("Triton kernels swapped in: %d RMSNorm layers (with their residual adds), "
+                    "%d rotary rotations, %d silu x up", fused, counts["rotary"],
+                    counts["silu_and_mul"])
 
     def determine_available_kv_blocks(self) -> int:
         """`kv_cache_memory` when set; else gpu_memory_utilization x the GPU's memory, less
