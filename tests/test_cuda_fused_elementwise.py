@@ -1,10 +1,10 @@
 """kvport-cuda's fused rotary rotation and silu x up against the torch code they replace, in
 Triton's interpreter on the CPU (on the GPU where there is one).
 
-On a GPU the bf16 rotation must equal the torch ops bit for bit (the kernel rounds where they
-round). Triton's CPU interpreter truncates float32 -> bf16 where a GPU rounds to nearest, so
-there the comparison allows a few units in the last place; float32 allows the ulp a fused
-multiply-add may move.
+In bf16 both kernels must equal the torch ops bit for bit (they round where torch rounds, on
+the bits, so Triton's CPU interpreter agrees too), except that on a GPU libdevice's expf may
+rarely move silu by a bf16 unit where torch's build differs. float32 allows the few units in
+the last place that a fused multiply-add or another exp may move.
 """
 from __future__ import annotations
 
@@ -31,17 +31,12 @@ if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 
-def _ulps(dtype: torch.dtype) -> float:
-    """The relative tolerance: one unit in the last place, four in the CPU interpreter."""
-    ulp = 2.0 ** (-23 if dtype == torch.float32 else -7)
-    return ulp * (4 if DEVICE.type == "cpu" else 1)
-
-
 def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
-    if DEVICE.type == "cuda" and dtype != torch.float32:
+    """Equal in bf16; within 8 float32 units in the last place in float32."""
+    if dtype != torch.float32:
         return torch.equal(got, expected)
     scale = expected.float().abs().clamp_min(1.0)
-    return bool(((got.float() - expected.float()).abs() <= 2 * _ulps(dtype) * scale).all())
+    return bool(((got.float() - expected.float()).abs() <= 8 * 2.0 ** -23 * scale).all())
 
 
 def _qkv(tokens: int, heads: int, kv_heads: int, head_size: int, dtype, seed: int):
@@ -90,9 +85,8 @@ def test_silu_and_mul_matches_torch(dtype, tokens, inter):
     expected = SiluAndMul()(x)
     got = silu_and_mul(x)
     assert got.shape == (tokens, inter) and got.dtype == dtype
-    if DEVICE.type == "cuda" and dtype != torch.float32:
-        # Triton's exp may differ from CUDA's in float32's last bit: rarely a bf16 ulp
-        differs = (got != expected)
+    if DEVICE.type == "cuda" and dtype != torch.float32 and not torch.equal(got, expected):
+        differs = (got != expected)                # rarely a bf16 unit (see the docstring)
         assert differs.float().mean().item() < 1e-3
         assert _close_loose(got[differs], expected[differs])
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 from torch import nn
 
 from kvport.models.layers import RotaryRotation, SiluAndMul
@@ -29,8 +30,17 @@ from kvport_cuda.module_swap import replace_modules
 
 @triton.jit
 def _round(x, dtype: tl.constexpr):
-    """Round a float32 value to the model dtype and back: where a torch op would round."""
-    return x.to(dtype).to(tl.float32)
+    """Round float32 `x` to the model dtype (to nearest, ties to even) and back to float32:
+    where a torch op would round. bf16 is rounded on the bits: a cast pair to bf16 and back
+    can be folded away by the compiler, and Triton's CPU interpreter truncates."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
 
 
 @triton.jit
@@ -46,8 +56,8 @@ def _rotate_heads(base, stride_h, num_heads, c, s, d, d_mask,
         x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
         o1 = _round(x1 * c, dtype) - _round(x2 * s, dtype)
         o2 = _round(x2 * c, dtype) + _round(x1 * s, dtype)
-        tl.store(first, o1.to(dtype), mask=mask)
-        tl.store(first + HALF, o2.to(dtype), mask=mask)
+        tl.store(first, _round(o1, dtype).to(dtype), mask=mask)
+        tl.store(first + HALF, _round(o2, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -99,15 +109,22 @@ class FusedRotaryRotation(RotaryRotation):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_xt, stride_ot, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_xt, stride_ot, BLOCK: tl.constexpr,
+                         LIBDEVICE_EXP: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
     dtype: tl.constexpr = out_ptr.dtype.element_ty
     gate = tl.load(x_ptr + t * stride_xt + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + t * stride_xt + inter + cols, mask=mask, other=0.0).to(tl.float32)
-    act = _round(gate / (1.0 + tl.exp(-gate)), dtype)       # F.silu's result, rounded
-    tl.store(out_ptr + t * stride_ot + cols, (act * up).to(dtype), mask=mask)
+    # F.silu's formula with CUDA's expf (tl.exp is a faster approximation; the CPU
+    # interpreter has no libdevice) and an IEEE division, rounded as its result is
+    if LIBDEVICE_EXP:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    act = _round(tl.math.div_rn(gate, 1.0 + e), dtype)
+    tl.store(out_ptr + t * stride_ot + cols, _round(act * up, dtype).to(dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +137,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(inter))
     _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](x, out, inter, x.stride(0),
                                                          out.stride(0), BLOCK=block,
-                                                         num_warps=4)
+                                                         LIBDEVICE_EXP=x.is_cuda, num_warps=4)
     return out
 
 
