@@ -134,8 +134,12 @@ if has jax; then
 fi
 if has tp; then
     run tp_kernels $PY -m pytest -q -p no:cacheprovider -x tests/test_cuda_fused_elementwise.py \
-        tests/test_fast_all_reduce.py
-    if [[ "$failed" != *tp_kernels* ]]; then
+        tests/test_fast_all_reduce.py tests/test_cuda_fused_tp_layers.py
+    # the fused all-reduce + norm on every GPU pair: checked (exit 1 if wrong; a hang ends
+    # at the timeout) before any engine relies on it
+    run tp_fused_norm timeout 300 $PY plugins/kvport-cuda/bench/all_reduce.py --fused-norm-only \
+        --json "$OUT/fused_norm.json"
+    if [[ "$failed" != *tp_kernels* && "$failed" != *tp_fused_norm* ]]; then
         # shellcheck disable=SC2086  # KVPORT_TP_ARGS is a list of flags
         run tp $PY plugins/kvport-cuda/bench/tp_check.py --json "$OUT/tp_check.json" \
             --deadline "${KVPORT_TP_DEADLINE:-420}" ${KVPORT_TP_ARGS:-}

@@ -7,6 +7,13 @@ graph of 64 back-to-back calls (a decode step's 2 per layer x 32 layers, as kvpo
 them). Prints a table; --json writes the figures.
 
     python plugins/kvport-cuda/bench/all_reduce.py --world-size 2 --json all_reduce.json
+    python plugins/kvport-cuda/bench/all_reduce.py --fused-norm-only     # the check alone
+
+--fused-norm (and --fused-norm-only) also checks kvport_cuda/all_reduce_norm.py's fused
+all-reduce + residual add + RMSNorm at decode row counts: every rank must get the same bits,
+equal to the sum rounded once, added to the residual and normalised by FusedRMSNorm's kernel;
+then times it against the symmetric all-reduce followed by that norm (CUDA graph, 64 calls).
+Exit status 1 if any check fails.
 """
 from __future__ import annotations
 
@@ -90,7 +97,55 @@ def time_graph(fn, x, calls=64, replays=20) -> float:
     return start.elapsed_time(end) * 1e3 / (replays * calls)
 
 
-def worker(rank: int, world: int, port: int, out: str | None) -> None:
+FUSED_ROWS = (1, 8, 64, 200, 256)
+
+
+def fused_norm_rows(fast, rank: int, world: int, device) -> list[dict]:
+    """The fused all-reduce + add + norm against the separate ops, checked and timed."""
+    import torch.distributed as dist
+    from kvport_cuda.all_reduce_norm import AllReduceNorm
+    from kvport_cuda.fused_norm import rms_norm
+    fused = AllReduceNorm(fast, HIDDEN)
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(HIDDEN, generator=gen).to(device, torch.bfloat16)
+    rows_out = []
+    for rows in FUSED_ROWS:
+        parts = [torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(200 + r))
+                 .to(torch.bfloat16) for r in range(world)]
+        residual = torch.randn(rows, HIDDEN, generator=gen).to(device, torch.bfloat16)
+        total = torch.zeros(rows, HIDDEN)
+        for part in parts:                                   # rank order, float32
+            total += part.float()
+        expected_out, expected_res = rms_norm(total.to(device, torch.bfloat16), weight, 1e-5,
+                                              residual)
+        staged = fast.staging_for((rows, HIDDEN), torch.bfloat16)
+        staged.copy_(parts[rank].to(device))
+        out, res = fused.all_reduce_add_rms_norm(staged, residual, weight, 1e-5)
+        torch.cuda.synchronize()
+        gathered = [torch.empty_like(out) for _ in range(world)]
+        dist.all_gather(gathered, out)
+        row = {"rows": rows,
+               "equal_to_separate_ops": bool(torch.equal(out, expected_out)
+                                             and torch.equal(res, expected_res)),
+               "max_abs_diff": float((out.float() - expected_out.float()).abs().max()),
+               "same_on_every_rank": all(torch.equal(g, gathered[0]) for g in gathered)}
+
+        def fused_call(_):
+            fused.all_reduce_add_rms_norm(staged, residual, weight, 1e-5)
+
+        def separate(_):
+            summed = fast.all_reduce_staged(staged)
+            rms_norm(summed, weight, 1e-5, residual)
+        row["fused_graph_us"] = time_graph(fused_call, None)
+        row["separate_graph_us"] = time_graph(separate, None)
+        rows_out.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+    return rows_out
+
+
+def worker(rank: int, world: int, port: int, out: str | None, fused_norm: bool,
+           fused_only: bool) -> None:
     import torch.distributed as dist
     from kvport_cuda.symmetric_all_reduce import (SymmetricAllReduceLimits,
                                                   SymmetricMemoryAllReduce)
@@ -102,7 +157,7 @@ def worker(rank: int, world: int, port: int, out: str | None) -> None:
     fast = SymmetricMemoryAllReduce(device, torch.bfloat16,
                                     SymmetricAllReduceLimits(max_bytes=max(SIZES_KIB) * 1024))
     rows = []
-    for kib in SIZES_KIB:
+    for kib in (() if fused_only else SIZES_KIB):
         numel = kib * 1024 // 2
         row = {"kib": kib, "tokens_of_4096": numel // HIDDEN}
         for name, fn in methods(fast).items():
@@ -116,12 +171,18 @@ def worker(rank: int, world: int, port: int, out: str | None) -> None:
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
+    fused_rows = fused_norm_rows(fast, rank, world, device) if fused_norm or fused_only else []
     if rank == 0 and out:
         with open(out, "w") as f:
             json.dump({"world_size": world, "gpu": torch.cuda.get_device_name(),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+                       "torch": torch.__version__, "rows": rows,
+                       "fused_norm_rows": fused_rows}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    failed = [r["rows"] for r in fused_rows
+              if not (r["equal_to_separate_ops"] and r["same_on_every_rank"])]
+    if failed:
+        raise SystemExit(f"rank {rank}: the fused all-reduce + norm differs at rows {failed}")
 
 
 def main() -> None:
@@ -129,12 +190,16 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--json", default=None)
+    p.add_argument("--fused-norm", action="store_true",
+                   help="also check and time the fused all-reduce + residual add + RMSNorm")
+    p.add_argument("--fused-norm-only", action="store_true", help="only that")
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    mp.spawn(worker, args=(args.world_size, port, args.json), nprocs=args.world_size)
+    mp.spawn(worker, args=(args.world_size, port, args.json, args.fused_norm,
+                           args.fused_norm_only), nprocs=args.world_size)
 
 
 if __name__ == "__main__":

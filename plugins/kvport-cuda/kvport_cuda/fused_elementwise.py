@@ -29,7 +29,7 @@ from kvport_cuda.module_swap import replace_modules
 
 
 @triton.jit
-def _round(x, dtype: tl.constexpr):
+def round_to_dtype(x, dtype: tl.constexpr):
     """Round float32 `x` to the model dtype (to nearest, ties to even) and back to float32:
     where a torch op would round. bf16 is rounded on the bits: a cast pair to bf16 and back
     can be folded away by the compiler, and Triton's CPU interpreter truncates."""
@@ -54,10 +54,10 @@ def _rotate_heads(base, stride_h, num_heads, c, s, d, d_mask,
         first = base + h[:, None] * stride_h + d[None, :]
         x1 = tl.load(first, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(first + HALF, mask=mask, other=0.0).to(tl.float32)
-        o1 = _round(x1 * c, dtype) - _round(x2 * s, dtype)
-        o2 = _round(x2 * c, dtype) + _round(x1 * s, dtype)
-        tl.store(first, _round(o1, dtype).to(dtype), mask=mask)
-        tl.store(first + HALF, _round(o2, dtype).to(dtype), mask=mask)
+        o1 = round_to_dtype(x1 * c, dtype) - round_to_dtype(x2 * s, dtype)
+        o2 = round_to_dtype(x2 * c, dtype) + round_to_dtype(x1 * s, dtype)
+        tl.store(first, round_to_dtype(o1, dtype).to(dtype), mask=mask)
+        tl.store(first + HALF, round_to_dtype(o2, dtype).to(dtype), mask=mask)
 
 
 @triton.jit
@@ -123,8 +123,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, inter, stride_xt, stride_ot, BLOCK: tl.
         e = libdevice.exp(-gate)
     else:
         e = tl.exp(-gate)
-    act = _round(tl.math.div_rn(gate, 1.0 + e), dtype)
-    tl.store(out_ptr + t * stride_ot + cols, _round(act * up, dtype).to(dtype), mask=mask)
+    act = round_to_dtype(tl.math.div_rn(gate, 1.0 + e), dtype)
+    tl.store(out_ptr + t * stride_ot + cols, round_to_dtype(act * up, dtype).to(dtype), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

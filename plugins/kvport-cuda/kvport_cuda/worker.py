@@ -14,7 +14,10 @@ from kvport_cuda.fused_norm import fuse_rms_norms
 from kvport_cuda.graphs import default_batch_sizes
 from kvport_cuda.memory import MemoryProfile, profile_memory
 from kvport_cuda.model_runner import CudaModelRunner
-from kvport_cuda.symmetric_all_reduce import symmetric_all_reduce_or_reason
+from kvport_cuda.all_reduce_norm import AllReduceNorm
+from kvport_cuda.fused_tp_layers import fuse_all_reduce_norms
+from kvport_cuda.symmetric_all_reduce import (SymmetricMemoryAllReduce,
+                                              symmetric_all_reduce_or_reason)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,26 @@ class CudaWorker(TorchWorker):
         logger.info("Triton kernels swapped in: %d RMSNorm layers (with their residual adds), "
                     "%d rotary rotations, %d silu x up", fused, counts["rotary"],
                     counts["silu_and_mul"])
+        self._fuse_all_reduce_norms()
+
+    def _fuse_all_reduce_norms(self) -> None:
+        """Under tensor parallelism with the symmetric-memory all-reduce: each row-parallel
+        matmul's sum, the residual add and the norm after it in one kernel (every rank runs
+        this, in the same order: it allocates shared memory collectively)."""
+        fast = self.tp.fast_all_reduce
+        if (self.tp.world_size == 1 or not isinstance(fast, SymmetricMemoryAllReduce)
+                or self.tp.reduce_in_float32 or fast.dtype != self.dtype):
+            return
+        hidden = int(self.model_info.hf_config["hidden_size"])
+        pairs = fuse_all_reduce_norms(self.model, AllReduceNorm(fast, hidden))
+        if pairs:
+            logger.info("tensor-parallel all-reduce fused with the residual add and RMSNorm "
+                        "after %d row-parallel matmuls (up to %d rows per step)", pairs,
+                        AllReduceNorm.rows_for(fast, hidden))
+        else:
+            logger.info("tensor-parallel all-reduce not fused with the norms: %s is not a "
+                        "Llama-family model in the layout the fusion relies on",
+                        type(self.model).__name__)
 
     def determine_available_kv_blocks(self) -> int:
         """`kv_cache_memory` when set; else gpu_memory_utilization x the GPU's memory, less

@@ -1,0 +1,96 @@
+"""Swapping a tensor-parallel Llama-family model onto the fused all-reduce + residual + norm.
+
+The layers' own order stays: a row-parallel matmul (o_proj, down_proj) is always followed by
+the norm that adds its output to the residual stream (the same layer's post-attention norm,
+the next layer's input norm, or the final norm). Here the matmul leaves its partial product in
+the symmetric buffer instead of summing it, and that norm sums, adds and normalises in one
+kernel (kvport_cuda/all_reduce_norm.py). A partial that the fused kernel would not take (too
+many rows: prefill chunks) is summed by the matmul as before, and the norm sees a plain tensor.
+The swap is made only on the exact classes whose forward guarantees that order.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kvport.models.layers import GatedMLP, RMSNorm
+from kvport.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
+from kvport.models.parallel_layers import RowParallelLinear
+from kvport_cuda.all_reduce_norm import AllReduceNorm
+from kvport_cuda.fused_norm import FusedRMSNorm
+
+
+class PartialSumLinear(RowParallelLinear):
+    """A row-parallel matmul whose partial product the next AllReduceRMSNorm sums."""
+
+    fused: AllReduceNorm
+
+    @classmethod
+    def from_module(cls, module: RowParallelLinear, fused: AllReduceNorm) -> "PartialSumLinear":
+        with torch.device("meta"):                   # the weight is the module's own
+            new = cls(module.full_in_features, module.start, module.in_features,
+                      module.out_features, bias=False, tp=module.tp)
+        new.weight = module.weight
+        new.fused = fused
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        staged = self.fused.stage_product(x, self.weight)
+        if staged is None:
+            return super().forward(x)                 # summed here, as before
+        return staged.view(*x.shape[:-1], staged.shape[-1])
+
+
+class AllReduceRMSNorm(FusedRMSNorm):
+    """The norm after a PartialSumLinear: sums a staged partial, adds the residual and
+    normalises in one kernel."""
+
+    fused: AllReduceNorm
+
+    @classmethod
+    def from_norm(cls, module: RMSNorm, fused: AllReduceNorm) -> "AllReduceRMSNorm":
+        new = cls.from_module(module)
+        new.fused = fused
+        return new
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused.holds(x):
+            if (residual is not None and residual.is_contiguous()
+                    and residual.shape == x.shape and x.dim() == 2):
+                return self.fused.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
+            x = self.fused.fast.all_reduce_staged(x)  # summed first, then the plain norm
+        return super().forward(x, residual)
+
+
+def _fusable(inner: nn.Module) -> bool:
+    if type(inner) is not LlamaModel or len(inner.layers) == 0:
+        return False
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if not (type(layer) is LlamaDecoderLayer and type(attn) is LlamaAttention
+                and type(mlp) is GatedMLP and type(attn.o_proj) is RowParallelLinear
+                and type(mlp.down_proj) is RowParallelLinear
+                and attn.o_proj.bias is None and mlp.down_proj.bias is None):
+            return False
+    return True
+
+
+def fuse_all_reduce_norms(model: nn.Module, fused: AllReduceNorm) -> int:
+    """Swap every row-parallel matmul and the norm after it; returns how many pairs (0 when
+    the model is not one whose order this relies on)."""
+    inner = getattr(model, "model", None)
+    if inner is None or not _fusable(inner):
+        return 0
+    layers = list(inner.layers)
+    for i, layer in enumerate(layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.o_proj = PartialSumLinear.from_module(attn.o_proj, fused)
+        layer.post_attention_layernorm = AllReduceRMSNorm.from_norm(
+            layer.post_attention_layernorm, fused)
+        mlp.down_proj = PartialSumLinear.from_module(mlp.down_proj, fused)
+        if i + 1 < len(layers):
+            layers[i + 1].input_layernorm = AllReduceRMSNorm.from_norm(
+                layers[i + 1].input_layernorm, fused)
+        else:
+            inner.norm = AllReduceRMSNorm.from_norm(inner.norm, fused)
+    return 2 * len(layers)
