@@ -2,26 +2,33 @@
 
 In a tensor-parallel decoder layer each row-parallel matmul (o_proj, down_proj) leaves every
 rank a partial sum, and the next thing the layer does is add the sum to the residual stream
-and normalise it. Done apart that is an all-reduce kernel (with its own cross-GPU
-synchronisation), a copy out of the shared buffer and a norm kernel, 64 times per step of a
-32-layer model; on a decode step each is a few microseconds of mostly fixed cost, and none of
-it shrinks when the weights are split. Here one Triton kernel does all of it for tensors of
-up to `max_rows` rows:
+and normalise it. Done apart that is an all-reduce kernel (which synchronises the GPUs twice:
+before reading the peers' inputs and before anyone may overwrite them), a copy and a norm
+kernel, 64 times per step of a 32-layer model; on a decode step each is a few microseconds of
+mostly fixed cost, and none of it shrinks when the weights are split. Here one Triton kernel
+does all of it for up to `max_rows` rows, with one synchronisation:
 
-    every rank's row-parallel matmul writes its partial product into its symmetric buffer;
-    one program per row: wait until every peer's program for that row has signalled that its
-    partial is there; sum the partials of all ranks in rank order (float32, so every rank
-    computes the same bits); round to the model dtype, as the all-reduce would return it;
-    add the residual, normalise and scale exactly as FusedRMSNorm does; signal the peers
-    that the row has been read, and wait for theirs, so that no rank overwrites its buffer
-    (the next matmul) while a peer still reads it.
+    every rank's row-parallel matmul writes its partial product into its own region of a
+    symmetric allocation (one the other GPUs can read over NVLink);
+    each program of the kernel signals its counterparts on the peers, waits for theirs (so
+    every peer's partial is complete), then for each of its rows sums the partials of all
+    ranks in rank order (float32: every rank computes the same bits), rounds the sum to the
+    model dtype as an all-reduce would return it, adds the residual, normalises and scales
+    exactly as FusedRMSNorm does.
 
-The signals are int32 flags in a second symmetric allocation, one per (row, peer) and phase,
-set with a release compare-and-swap at system scope by the sender and cleared with an acquire
-compare-and-swap by the receiver, so every call leaves them zero again (and a CUDA graph can
-replay the kernel). Reading each peer's whole row (a "one shot") costs more NVLink traffic
-than a two-shot all-reduce for large tensors, hence the row limit; larger tensors keep the
-separate all-reduce and norm.
+No second synchronisation is needed because the matmul/norm pairs alternate between two
+regions (`region` = the pair's index modulo 2, fixed per layer, so captured CUDA graphs and
+eager steps agree): a rank overwrites region A only after its next kernel, on region B, has
+had every peer's signal, and a peer signals only from that next kernel, when it has finished
+reading region A. Every step runs all its pairs through the kernel or none (they share the
+step's row count), so consecutive fused calls always alternate.
+
+The signals are int32 flags in another symmetric allocation, one per (program, peer), set
+with a release compare-and-swap at system scope by the sender and cleared with an acquire
+compare-and-swap by the receiver, so every call leaves them zero again and a CUDA graph can
+replay the kernel. Reading every peer's whole tensor (a "one shot") moves more NVLink traffic
+than a two-shot all-reduce for large tensors, hence the row limit; larger tensors (prefill
+chunks) keep the separate all-reduce and norm.
 """
 from __future__ import annotations
 
@@ -55,91 +62,110 @@ def _barrier(signal_ptrs, slot, RANK: tl.constexpr, WORLD: tl.constexpr):
 
 
 @triton.jit
-def _all_reduce_add_rms_norm_kernel(buffer_ptrs, signal_ptrs, res_ptr, out_ptr, res_out_ptr,
-                                    w_ptr, n, eps, max_rows, RANK: tl.constexpr,
+def _all_reduce_add_rms_norm_kernel(partial_ptrs, region_offset, signal_ptrs, res_ptr, out_ptr,
+                                    res_out_ptr, w_ptr, rows, n, eps, RANK: tl.constexpr,
                                     WORLD: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    program = tl.program_id(0)
     dtype: tl.constexpr = res_ptr.dtype.element_ty
-    _barrier(signal_ptrs, row, RANK=RANK, WORLD=WORLD)        # the peers' partials are in
+    _barrier(signal_ptrs, program, RANK=RANK, WORLD=WORLD)    # the peers' partials are in
     offs = tl.arange(0, BLOCK)
     mask = offs < n
-    at = row.to(tl.int64) * n + offs
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for rank in tl.static_range(WORLD):                       # rank order on every rank
-        part = tl.load(buffer_ptrs + rank).to(tl.pointer_type(dtype))
-        total += tl.load(part + at, mask=mask, other=0.0, volatile=True).to(tl.float32)
-    r = tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
-    xf = round_to_dtype(round_to_dtype(total, dtype) + r, dtype)     # the sum, + residual
-    tl.store(res_out_ptr + at, xf.to(dtype), mask=mask)
-    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    y = (xf * inv).to(dtype)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    out = w.to(tl.float32) * y.to(tl.float32)
-    tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.debug_barrier()                                        # every thread has read its part
-    _barrier(signal_ptrs, max_rows + row, RANK=RANK, WORLD=WORLD)   # the peers are done too
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    for row in range(program, rows, tl.num_programs(0)):
+        at = row.to(tl.int64) * n + offs
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        for rank in tl.static_range(WORLD):                   # rank order on every rank
+            part = tl.load(partial_ptrs + rank).to(tl.pointer_type(dtype)) + region_offset
+            total += tl.load(part + at, mask=mask, other=0.0, volatile=True).to(tl.float32)
+        r = tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        xf = round_to_dtype(round_to_dtype(total, dtype) + r, dtype)   # the sum, + residual
+        tl.store(res_out_ptr + at, xf.to(dtype), mask=mask)
+        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
+        y = round_to_dtype(xf * inv, dtype)
+        tl.store(out_ptr + at, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class AllReduceNorm:
-    """The fused kernel over a SymmetricMemoryAllReduce's buffer (every rank builds one, in
-    the same order: the signal allocation is a collective rendezvous)."""
+    """The fused kernel and its two partial-sum regions, for the process group of a
+    SymmetricMemoryAllReduce (every rank builds one, in the same order: the allocations are
+    collective rendezvous)."""
+
+    max_programs = 128                 # programs per call, each summing rows in turn
 
     def __init__(self, fast: SymmetricMemoryAllReduce, hidden_size: int,
                  max_bytes: int = DEFAULT_MAX_BYTES):
-        import torch.distributed._symmetric_memory as symm_mem
-        self.fast, self.hidden_size = fast, hidden_size
-        self.max_rows = self.rows_for(fast, hidden_size, max_bytes)
-        device = fast.device
-        self.signals = symm_mem.empty(2 * self.max_rows * fast.world_size, dtype=torch.int32,
-                                      device=device)
-        self.signals.zero_()
-        handle = symm_mem.rendezvous(self.signals, fast.group_name)
-        torch.cuda.synchronize(device)
-        handle.barrier()                     # every rank's flags are zero before any is set
-        self._signal_handle = handle
-        self.signal_ptrs = torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
-        self.buffer_ptrs = torch.tensor(fast.buffer_ptrs, dtype=torch.int64, device=device)
+        self.fast, self.hidden_size, self.dtype = fast, hidden_size, fast.dtype
+        self.max_rows = self.rows_for(hidden_size, fast.dtype, max_bytes)
+        self.region_size = self.max_rows * hidden_size          # elements per region
+        self._handles: list = []                                # keep the mappings alive
+        self.partials, self.partial_ptrs = self._shared(2 * self.region_size, fast.dtype)
+        self.signals, self.signal_ptrs = self._shared(self.max_programs * fast.world_size,
+                                                      torch.int32)
         self.rank, self.world_size = fast.rank, fast.world_size
 
+    def _shared(self, numel: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A zeroed symmetric allocation and every rank's pointer to it (on the device)."""
+        import torch.distributed._symmetric_memory as symm_mem
+        device = self.fast.device
+        tensor = symm_mem.empty(numel, dtype=dtype, device=device)
+        tensor.zero_()
+        handle = symm_mem.rendezvous(tensor, self.fast.group_name)
+        torch.cuda.synchronize(device)
+        handle.barrier()                          # zero everywhere before any rank uses it
+        self._handles.append(handle)
+        return tensor, torch.tensor(handle.buffer_ptrs, dtype=torch.int64, device=device)
+
     @staticmethod
-    def rows_for(fast: SymmetricMemoryAllReduce, hidden_size: int,
+    def rows_for(hidden_size: int, dtype: torch.dtype,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> int:
         """The most rows the fused kernel takes: up to `max_bytes` of partial sums."""
-        limit = min(max_bytes, fast.limits.max_bytes)
-        return max(1, limit // (hidden_size * fast.dtype.itemsize))
+        return max(1, max_bytes // (hidden_size * dtype.itemsize))
 
     def takes(self, rows: int, width: int, dtype: torch.dtype) -> bool:
         """Whether a [rows, width] partial of `dtype` goes through the fused kernel."""
-        return (width == self.hidden_size and dtype == self.fast.dtype
-                and 0 < rows <= self.max_rows)
+        return width == self.hidden_size and dtype == self.dtype and 0 < rows <= self.max_rows
 
-    def stage_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
-        """x W^T written into this rank's symmetric buffer (the partial that
-        `all_reduce_add_rms_norm` sums), or None if the fused kernel would not take it."""
+    def region_view(self, region: int, rows: int) -> torch.Tensor:
+        """This rank's partial-sum `region` (0 or 1) as [rows, hidden]."""
+        start = region * self.region_size
+        return self.partials[start:start + rows * self.hidden_size].view(rows, self.hidden_size)
+
+    def stage_product(self, x: torch.Tensor, weight: torch.Tensor,
+                      region: int) -> torch.Tensor | None:
+        """x W^T written into this rank's `region` (the partial that `all_reduce_add_rms_norm`
+        sums), or None if the fused kernel would not take it."""
         rows = x.numel() // x.shape[-1]
         if torch.is_grad_enabled() or not x.is_cuda or not self.takes(rows, weight.shape[0],
                                                                       x.dtype):
             return None
-        staged = self.fast.staging_for((rows, weight.shape[0]), x.dtype)
+        staged = self.region_view(region, rows)
         torch.mm(x.reshape(rows, x.shape[-1]), weight.t(), out=staged)
         return staged
 
-    def holds(self, x: torch.Tensor) -> bool:
-        """Whether `x` is a partial left by `stage_product` (it starts the shared buffer)."""
-        return (x.is_cuda and x.data_ptr() == self.fast.buffer.data_ptr()
-                and self.takes(x.numel() // x.shape[-1], x.shape[-1], x.dtype))
+    def holds(self, x: torch.Tensor, region: int) -> bool:
+        """Whether `x` is a partial that `stage_product` left in `region`."""
+        rows = x.numel() // x.shape[-1]
+        return (x.is_cuda and self.takes(rows, x.shape[-1], x.dtype)
+                and x.data_ptr() == self.region_view(region, rows).data_ptr())
+
+    def sum_partial(self, partial: torch.Tensor) -> torch.Tensor:
+        """The plain all-reduce of a staged partial, into a tensor of its own."""
+        summed = partial.clone()
+        self.fast.all_reduce_(summed)
+        return summed
 
     def all_reduce_add_rms_norm(self, partial: torch.Tensor, residual: torch.Tensor,
-                                weight: torch.Tensor, eps: float
+                                weight: torch.Tensor, eps: float, region: int
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(sum + residual), sum + residual) for the staged `partial` [rows, hidden]."""
+        """(norm(sum + residual), sum + residual) for the staged `partial` [rows, hidden] in
+        `region` (every rank calls this with the same shapes, in the same order)."""
         rows, n = partial.shape
         out = torch.empty(partial.shape, dtype=torch.result_type(weight, partial),
                           device=partial.device)
         res_out = torch.empty_like(residual)
         block = triton.next_power_of_2(n)
-        _all_reduce_add_rms_norm_kernel[(rows,)](
-            self.buffer_ptrs, self.signal_ptrs, residual, out, res_out, weight, n, eps,
-            self.max_rows, RANK=self.rank, WORLD=self.world_size, BLOCK=block,
+        _all_reduce_add_rms_norm_kernel[(min(rows, self.max_programs),)](
+            self.partial_ptrs, region * self.region_size, self.signal_ptrs, residual, out,
+            res_out, weight, rows, n, eps, RANK=self.rank, WORLD=self.world_size, BLOCK=block,
             num_warps=max(1, min(8, block // 256)))
         return out, res_out

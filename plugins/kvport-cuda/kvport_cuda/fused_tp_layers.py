@@ -24,18 +24,20 @@ class PartialSumLinear(RowParallelLinear):
     """A row-parallel matmul whose partial product the next AllReduceRMSNorm sums."""
 
     fused: AllReduceNorm
+    region: int
 
     @classmethod
-    def from_module(cls, module: RowParallelLinear, fused: AllReduceNorm) -> "PartialSumLinear":
+    def from_module(cls, module: RowParallelLinear, fused: AllReduceNorm,
+                    region: int) -> "PartialSumLinear":
         with torch.device("meta"):                   # the weight is the module's own
             new = cls(module.full_in_features, module.start, module.in_features,
                       module.out_features, bias=False, tp=module.tp)
         new.weight = module.weight
-        new.fused = fused
+        new.fused, new.region = fused, region
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        staged = self.fused.stage_product(x, self.weight)
+        staged = self.fused.stage_product(x, self.weight, self.region)
         if staged is None:
             return super().forward(x)                 # summed here, as before
         return staged.view(*x.shape[:-1], staged.shape[-1])
@@ -46,19 +48,21 @@ class AllReduceRMSNorm(FusedRMSNorm):
     normalises in one kernel."""
 
     fused: AllReduceNorm
+    region: int
 
     @classmethod
-    def from_norm(cls, module: RMSNorm, fused: AllReduceNorm) -> "AllReduceRMSNorm":
+    def from_norm(cls, module: RMSNorm, fused: AllReduceNorm, region: int) -> "AllReduceRMSNorm":
         new = cls.from_module(module)
-        new.fused = fused
+        new.fused, new.region = fused, region
         return new
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if self.fused.holds(x):
+        if self.fused.holds(x, self.region):
             if (residual is not None and residual.is_contiguous()
                     and residual.shape == x.shape and x.dim() == 2):
-                return self.fused.all_reduce_add_rms_norm(x, residual, self.weight, self.eps)
-            x = self.fused.fast.all_reduce_staged(x)  # summed first, then the plain norm
+                return self.fused.all_reduce_add_rms_norm(x, residual, self.weight, self.eps,
+                                                          self.region)
+            x = self.fused.sum_partial(x)             # summed first, then the plain norm
         return super().forward(x, residual)
 
 
@@ -82,15 +86,18 @@ def fuse_all_reduce_norms(model: nn.Module, fused: AllReduceNorm) -> int:
     if inner is None or not _fusable(inner):
         return 0
     layers = list(inner.layers)
+    # o_proj -> region 0, down_proj -> region 1: consecutive pairs alternate, within a step
+    # and from one step's last to the next step's first (all_reduce_norm.py says why)
     for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
-        attn.o_proj = PartialSumLinear.from_module(attn.o_proj, fused)
+        attn.o_proj = PartialSumLinear.from_module(attn.o_proj, fused, region=0)
         layer.post_attention_layernorm = AllReduceRMSNorm.from_norm(
-            layer.post_attention_layernorm, fused)
-        mlp.down_proj = PartialSumLinear.from_module(mlp.down_proj, fused)
+            layer.post_attention_layernorm, fused, region=0)
+        mlp.down_proj = PartialSumLinear.from_module(mlp.down_proj, fused, region=1)
+        following = layers[i + 1].input_layernorm if i + 1 < len(layers) else inner.norm
+        replacement = AllReduceRMSNorm.from_norm(following, fused, region=1)
         if i + 1 < len(layers):
-            layers[i + 1].input_layernorm = AllReduceRMSNorm.from_norm(
-                layers[i + 1].input_layernorm, fused)
+            layers[i + 1].input_layernorm = replacement
         else:
-            inner.norm = AllReduceRMSNorm.from_norm(inner.norm, fused)
+            inner.norm = replacement
     return 2 * len(layers)

@@ -52,7 +52,6 @@ class SymmetricMemoryAllReduce:
         handle.barrier()
         self._handle = handle           # keeps the peers' mappings alive
         self.rank, self.world_size = handle.rank, handle.world_size
-        self.buffer_ptrs = list(handle.buffer_ptrs)     # every rank's buffer, for own kernels
         self._ops = torch.ops.symm_mem
 
     def handles(self, x: torch.Tensor) -> bool:

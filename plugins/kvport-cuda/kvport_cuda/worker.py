@@ -72,7 +72,7 @@ class CudaWorker(TorchWorker):
         if pairs:
             logger.info("tensor-parallel all-reduce fused with the residual add and RMSNorm "
                         "after %d row-parallel matmuls (up to %d rows per step)", pairs,
-                        AllReduceNorm.rows_for(fast, hidden))
+                        AllReduceNorm.rows_for(hidden, fast.dtype))
         else:
             logger.info("tensor-parallel all-reduce not fused with the norms: %s is not a "
                         "Llama-family model in the layout the fusion relies on",
