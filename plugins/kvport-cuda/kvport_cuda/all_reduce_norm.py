@@ -12,10 +12,9 @@ does all of it for up to `max_rows` rows, with one synchronisation:
     symmetric allocation (one the other GPUs can read over NVLink);
     the kernel's first program signals the peers and waits for their signals (so every
     peer's partial is complete) while the others wait for it; then each program, for each
-    of its rows, sums the partials of all
-    ranks in rank order (float32: every rank computes the same bits), rounds the sum to the
-    model dtype as an all-reduce would return it, adds the residual, normalises and scales
-    exactly as FusedRMSNorm does.
+    of its rows, sums the partials of all ranks in rank order (float32: every rank computes
+    the same bits), rounds the sum to the model dtype as an all-reduce would return it,
+    adds the residual, normalises and scales exactly as FusedRMSNorm does.
 
 No second synchronisation is needed because the matmul/norm pairs alternate between two
 regions (`region` = the pair's index modulo 2, fixed per layer, so captured CUDA graphs and
@@ -27,11 +26,13 @@ step's row count), so consecutive fused calls always alternate.
 The signals are int32 flags in another symmetric allocation, one per peer, set with a
 release compare-and-swap at system scope by the sender and cleared with an acquire
 compare-and-swap by the receiver, so every call leaves them zero again and a CUDA graph can
-replay the kernel. (A first version synchronised every program with the peers: the
-cross-GPU atomics serialise, about 0.2 us each, and 256 rows took 56 us against 17 us for
-the separate all-reduce and norm.) Reading every peer's whole tensor (a "one shot") moves more NVLink traffic
-than a two-shot all-reduce for large tensors, hence the row limit; larger tensors (prefill
-chunks) keep the separate all-reduce and norm.
+replay the kernel. Only program 0 of each rank exchanges them; the other programs wait for
+it on their own GPU (`_wait_for_the_peers`), so a call costs one signal per peer, not one per
+program. Reading every peer's whole tensor (a "one shot") moves more NVLink traffic than a
+two-shot all-reduce for large tensors, hence the row limit; larger tensors (prefill chunks)
+keep the separate all-reduce and norm. The peers' pointers come from memory, so the loads
+carry an alignment hint: without it every row was read two bytes at a time and 256 rows took
+56 us instead of 13 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -42,8 +43,10 @@ import triton.language as tl
 from kvport_cuda.fused_elementwise import round_to_dtype
 from kvport_cuda.symmetric_all_reduce import SymmetricMemoryAllReduce
 
-# Above this (256 rows of 4096 bf16) reading every peer's whole tensor loses to a two-shot
-# all-reduce (docs/benchmarks.md: one shot 56 us against two shot 40 us at 8 MiB).
+# The fused kernel was measured up to 256 rows of 4096 bf16 (2 MiB), where it beat the
+# separate all-reduce and norm at every size; beyond, torch's one-shot all-reduce already
+# lost to its two-shot one (56 against 40 us at 8 MiB), so larger tensors keep the separate
+# path (docs/benchmarks.md).
 DEFAULT_MAX_BYTES = 2 * 2**20
 
 
@@ -69,8 +72,7 @@ def _wait_for_the_peers(signal_ptrs, counters_ptr, PROGRAMS: tl.constexpr, RANK:
                         WORLD: tl.constexpr):
     """Program 0 synchronises with the peers; the others wait for it on this GPU.
 
-    Cross-GPU atomics are slow and serialise, so one program per rank talks to the peers.
-    The others learn it has by a local counter: each call's PROGRAMS tickets form one epoch
+    The others learn that it has by a local counter: each call's PROGRAMS tickets form one epoch
     (a call starts only after the previous one has finished), and program 0 publishes the
     epoch it has synchronised. int64 counters never wrap."""
     ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
