@@ -8,27 +8,17 @@ the last place that a fused multiply-add or another exp may move.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-if importlib.util.find_spec("triton") is None or importlib.util.find_spec("kvport_cuda") is None:
-    pytest.skip("needs triton and kvport-cuda (scripts/install.sh --test installs both)",
-                allow_module_level=True)
-import torch  # noqa: E402
+from triton_device import triton_device
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are defined
+DEVICE = triton_device("kvport_cuda")
+
+import torch  # noqa: E402
 
 from kvport.models.layers import GatedMLP, RotaryRotation, SiluAndMul  # noqa: E402
 from kvport_cuda.fused_elementwise import (FusedRotaryRotation, FusedSiluAndMul,  # noqa: E402
                                            fuse_elementwise, rotate_in_place, silu_and_mul)
-
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU, and TRITON_INTERPRET is set to something other than 1",
-                allow_module_level=True)
 
 
 def _close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -9,20 +9,13 @@ in float32. CUDA graphs need a GPU: tests/gpu/ covers them.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
+from triton_device import triton_device
 
-import pytest
+DEVICE = triton_device("kvport_cuda")
 
-if importlib.util.find_spec("triton") is None or importlib.util.find_spec("kvport_cuda") is None:
-    pytest.skip("needs triton and kvport-cuda (scripts/install.sh --test installs both)",
-                allow_module_level=True)
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
-
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")   # before the kernels are defined
 
 from kvport.attention_backends.interface import AttentionSpec  # noqa: E402
 from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend  # noqa: E402
@@ -37,10 +30,6 @@ from kvport.models.loader import build_model  # noqa: E402
 from kvport_cuda.block_tables import DeviceBlockTables  # noqa: E402
 from kvport_cuda.host_batch import build_decode_batch, build_mixed_batch  # noqa: E402
 from kvport_cuda.model_runner import CudaModelRunner  # noqa: E402
-
-if DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no GPU, and TRITON_INTERPRET is set to something other than 1",
-                allow_module_level=True)
 
 BLOCK_SIZE = 16
 
