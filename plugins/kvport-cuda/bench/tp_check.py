@@ -18,6 +18,9 @@ bf16 model, for agreement and for throughput, in one run.
    runs: random weights put many top-2 logits closer than bf16 rounding); the throughput
    ratio TP=2 / TP=1 (goal: 1.6x). --tp1-self-check: TP=1 teacher-forced a second time in
    reverse order, and TP=1's agreement with itself (the noise floor of the first figure).
+   Each W1 run also records its steps by phase (`step_phases`: prefill chunks while prompts
+   wait, then decode steps by how many requests ran), and the summary gives TP=1's time over
+   TP=2's per phase: where the ratio is won or lost.
 
 Progress lines carry a timestamp. Results go to --json after every phase. --deadline (seconds
 from the start) ends the timed runs early with partial figures (TP=1's run leaves room for
