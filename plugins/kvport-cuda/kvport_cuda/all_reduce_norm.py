@@ -40,8 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvport_cuda.fused_elementwise import round_to_dtype
 from kvport_cuda.symmetric_all_reduce import SymmetricMemoryAllReduce
+from kvport_cuda.triton_math import rms_normalise, round_to_dtype
 
 # The fused kernel was measured up to 256 rows of 4096 bf16 (2 MiB), where it beat the
 # separate all-reduce and norm at every size; beyond, torch's one-shot all-reduce already
@@ -51,19 +51,18 @@ DEFAULT_MAX_BYTES = 2 * 2**20
 
 
 @triton.jit
-def _barrier(signal_ptrs, slot, RANK: tl.constexpr, WORLD: tl.constexpr):
-    """Signal every peer's flag (slot, RANK), then wait for and clear our flags (slot, peer)."""
+def _barrier(signal_ptrs, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Set our flag on every peer (its flag RANK), then wait for and clear our flag of each
+    peer."""
     for peer in tl.static_range(WORLD):
         if peer != RANK:
             remote = tl.load(signal_ptrs + peer).to(tl.pointer_type(tl.int32))
-            while tl.atomic_cas(remote + slot * WORLD + RANK, 0, 1, sem="release",
-                                scope="sys") != 0:
+            while tl.atomic_cas(remote + RANK, 0, 1, sem="release", scope="sys") != 0:
                 pass
     local = tl.load(signal_ptrs + RANK).to(tl.pointer_type(tl.int32))
     for peer in tl.static_range(WORLD):
         if peer != RANK:
-            while tl.atomic_cas(local + slot * WORLD + peer, 1, 0, sem="acquire",
-                                scope="sys") != 1:
+            while tl.atomic_cas(local + peer, 1, 0, sem="acquire", scope="sys") != 1:
                 pass
 
 
@@ -78,7 +77,7 @@ def _wait_for_the_peers(signal_ptrs, counters_ptr, PROGRAMS: tl.constexpr, RANK:
     ticket = tl.atomic_add(counters_ptr, 1, sem="relaxed", scope="gpu")
     epoch = ticket // PROGRAMS
     if tl.program_id(0) == 0:
-        _barrier(signal_ptrs, 0, RANK=RANK, WORLD=WORLD)
+        _barrier(signal_ptrs, RANK=RANK, WORLD=WORLD)
         tl.atomic_xchg(counters_ptr + 1, epoch + 1, sem="release", scope="gpu")
     else:
         while tl.load(counters_ptr + 1, volatile=True) <= epoch:
@@ -110,9 +109,8 @@ def _all_reduce_add_rms_norm_kernel(partial_ptrs, region_offset, signal_ptrs, co
         r = tl.load(res_ptr + at, mask=mask, other=0.0).to(tl.float32)
         xf = round_to_dtype(round_to_dtype(total, dtype) + r, dtype)   # the sum, + residual
         tl.store(res_out_ptr + at, xf.to(dtype), mask=mask)
-        inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
-        y = round_to_dtype(xf * inv, dtype)
-        tl.store(out_ptr + at, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        out = rms_normalise(xf, w, n, eps, dtype)
+        tl.store(out_ptr + at, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 class AllReduceNorm:

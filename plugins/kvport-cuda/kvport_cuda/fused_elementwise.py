@@ -25,22 +25,8 @@ from triton.language.extra import libdevice
 from torch import nn
 
 from kvport.models.layers import RotaryRotation, SiluAndMul
+from kvport_cuda.triton_math import round_to_dtype
 from kvport_cuda.module_swap import replace_modules
-
-
-@triton.jit
-def round_to_dtype(x, dtype: tl.constexpr):
-    """Round float32 `x` to the model dtype (to nearest, ties to even) and back to float32:
-    where a torch op would round. bf16 is rounded on the bits: a cast pair to bf16 and back
-    can be folded away by the compiler, and Triton's CPU interpreter truncates."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
-    elif dtype == tl.float16:
-        return x.to(tl.float16).to(tl.float32)
-    else:
-        return x
 
 
 @triton.jit

@@ -24,6 +24,7 @@ from torch import nn
 
 from kvport.models.layers import RMSNorm
 from kvport_cuda.module_swap import replace_modules
+from kvport_cuda.triton_math import rms_normalise
 
 
 @triton.jit
@@ -37,11 +38,8 @@ def _rms_norm_kernel(x_ptr, res_ptr, out_ptr, res_out_ptr, w_ptr, n, eps,
         r = tl.load(res_ptr + row * n + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * n + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    inv = tl.rsqrt(tl.sum(xf * xf, axis=0) / n + eps)
-    y = (xf * inv).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    out = w.to(tl.float32) * y.to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    out = rms_normalise(x.to(tl.float32), w, n, eps, x_ptr.dtype.element_ty)
     tl.store(out_ptr + row * n + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -66,7 +66,10 @@ class AllReduceRMSNorm(FusedRMSNorm):
         return super().forward(x, residual)
 
 
-def _fusable(inner: nn.Module) -> bool:
+def can_fuse_all_reduce_norms(model: nn.Module) -> bool:
+    """Whether `model` is a Llama-family model in the exact layout the swap relies on (ask
+    before building the AllReduceNorm: its shared memory is wasted on any other model)."""
+    inner = getattr(model, "model", None)
     if type(inner) is not LlamaModel or len(inner.layers) == 0:
         return False
     for layer in inner.layers:
@@ -82,9 +85,9 @@ def _fusable(inner: nn.Module) -> bool:
 def fuse_all_reduce_norms(model: nn.Module, fused: AllReduceNorm) -> int:
     """Swap every row-parallel matmul and the norm after it; returns how many pairs (0 when
     the model is not one whose order this relies on)."""
-    inner = getattr(model, "model", None)
-    if inner is None or not _fusable(inner):
+    if not can_fuse_all_reduce_norms(model):
         return 0
+    inner = model.model
     layers = list(inner.layers)
     # o_proj -> region 0, down_proj -> region 1: consecutive pairs alternate, within a step
     # and from one step's last to the next step's first (all_reduce_norm.py says why)

@@ -9,13 +9,13 @@ import torch
 from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend
 from kvport.torch_worker.model_runner import TorchModelRunner
 from kvport.torch_worker.worker import TorchWorker
+from kvport_cuda.all_reduce_norm import AllReduceNorm
 from kvport_cuda.fused_elementwise import fuse_elementwise
 from kvport_cuda.fused_norm import fuse_rms_norms
+from kvport_cuda.fused_tp_layers import can_fuse_all_reduce_norms, fuse_all_reduce_norms
 from kvport_cuda.graphs import default_batch_sizes
 from kvport_cuda.memory import MemoryProfile, profile_memory
 from kvport_cuda.model_runner import CudaModelRunner
-from kvport_cuda.all_reduce_norm import AllReduceNorm
-from kvport_cuda.fused_tp_layers import fuse_all_reduce_norms
 from kvport_cuda.symmetric_all_reduce import (SymmetricMemoryAllReduce,
                                               symmetric_all_reduce_or_reason)
 
@@ -67,16 +67,15 @@ class CudaWorker(TorchWorker):
         if (self.tp.world_size == 1 or not isinstance(fast, SymmetricMemoryAllReduce)
                 or self.tp.reduce_in_float32 or fast.dtype != self.dtype):
             return
-        hidden = int(self.model_info.hf_config["hidden_size"])
-        pairs = fuse_all_reduce_norms(self.model, AllReduceNorm(fast, hidden))
-        if pairs:
-            logger.info("tensor-parallel all-reduce fused with the residual add and RMSNorm "
-                        "after %d row-parallel matmuls (up to %d rows per step)", pairs,
-                        AllReduceNorm.rows_for(hidden, fast.dtype))
-        else:
+        if not can_fuse_all_reduce_norms(self.model):
             logger.info("tensor-parallel all-reduce not fused with the norms: %s is not a "
                         "Llama-family model in the layout the fusion relies on",
                         type(self.model).__name__)
+            return
+        fused = AllReduceNorm(fast, int(self.model_info.hf_config["hidden_size"]))
+        pairs = fuse_all_reduce_norms(self.model, fused)
+        logger.info("tensor-parallel all-reduce fused with the residual add and RMSNorm after "
+                    "%d row-parallel matmuls (up to %d rows per step)", pairs, fused.max_rows)
 
     def determine_available_kv_blocks(self) -> int:
         """`kv_cache_memory` when set; else gpu_memory_utilization x the GPU's memory, less
