@@ -185,3 +185,27 @@ def test_greedy_tokens_match_gather_path(paged_decode_out, monkeypatch, tmp_path
     native_tokens = generate(path, "cpu_paged", **kw)
     monkeypatch.setattr(CpuPagedAttentionBackend, "use_native_decode", False)
     assert generate(path, "cpu_paged", **kw) == native_tokens
+
+
+def test_a_build_killed_midway_does_not_block_the_next_start(paged_decode_out):
+    """A process killed while building leaves torch's `lock` file in the build directory;
+    torch alone would wait on it forever. The next process must remove it and load."""
+    import os
+    import subprocess
+    import sys
+
+    from torch.utils import cpp_extension
+    build_dir = cpp_extension._get_build_directory(native._name("paged_decode"), verbose=False)
+    lock = os.path.join(build_dir, "lock")
+    open(lock, "w").close()                      # what a builder killed midway leaves
+    try:
+        code = ("import sys; from kvport_cpu import native; "
+                "sys.exit(0 if native.paged_decode_op().op is not None else 1)")
+        done = subprocess.run([sys.executable, "-c", code], timeout=240, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "left by a native build that was killed" in done.stderr
+        assert not os.path.exists(lock)
+    finally:
+        if os.path.exists(lock):
+            os.remove(lock)

@@ -9,6 +9,7 @@ compiler or a failed build leaves the caller on its pure-torch path with a messa
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -85,7 +86,7 @@ def llama_decoder_class() -> NativeOp:
 
 
 def _load(source: str, get_op) -> NativeOp:
-    with _lock:               # threads of one process build once; torch locks across processes
+    with _lock:               # threads of one process build once; _one_builder across processes
         if source not in _built:
             _built[source] = _build(source)
         failure = _built[source]
@@ -153,12 +154,36 @@ def _build(source: str) -> str | None:
         return "ninja not found (torch's JIT build needs it)"
     name = _name(source)
     try:
-        cpp_extension.load(name=name, sources=[os.path.join(_CSRC, f"{source}.cpp")],
-                           extra_cflags=_cflags(), extra_ldflags=_openmp_flags(),
-                           is_python_module=False, verbose=False)
+        with _one_builder(cpp_extension._get_build_directory(name, verbose=False)):
+            cpp_extension.load(name=name, sources=[os.path.join(_CSRC, f"{source}.cpp")],
+                               extra_cflags=_cflags(), extra_ldflags=_openmp_flags(),
+                               is_python_module=False, verbose=False)
         return None
     except Exception as exc:   # noqa: BLE001 - any build/load failure means: no native op
         return _failure(name, exc)
+
+
+@contextlib.contextmanager
+def _one_builder(build_dir: str):
+    """One kvport process at a time builds or loads in `build_dir`, under an flock.
+
+    torch guards a build with a `lock` file of its own and waits for it to go away; a
+    process killed mid-build (an engine whose start timed out, a Ctrl-C during the first
+    `kvport serve`) leaves that file behind, and every later start would wait for it forever,
+    silently. The kernel drops an flock when its holder dies, so whoever holds ours knows
+    that a `lock` file still there is such a leftover, and removes it."""
+    try:
+        import fcntl
+    except ImportError:          # not POSIX: torch's own lock only
+        yield
+        return
+    with open(os.path.join(build_dir, "kvport.flock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            logger.warning("removing %s, left by a native build that was killed", stale)
+            os.remove(stale)
+        yield
 
 
 def _failure(name: str, exc: Exception) -> str:
