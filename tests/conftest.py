@@ -20,6 +20,20 @@ def _no_gpu() -> bool:
 if _no_gpu():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+
+def pytest_sessionstart(session):
+    """Build (or load) the CPU plugin's native libraries once, before any test starts an
+    engine. A cold build takes a minute or more on 2 cores (every fresh clone rebuilds: the
+    source paths differ); inside an engine start it would count against that test's startup
+    timeout, and the engine processes after it would only load the result."""
+    if importlib.util.find_spec("kvport_cpu") is None:
+        return
+    from kvport_cpu import native
+    for load in (native.paged_decode_op, native.int8_row_ops, native.llama_decoder_class):
+        load()          # never raises: a failed build is the tests' to report
+
+
 TINY_TEXT = ["the quick brown fox jumps over the lazy dog", "hello world, hello kvport",
              "paged attention keeps kv caches in blocks", "0123456789 +-*/ = ()[]{}",
              "héllo wörld 你好 🙂 ünïcode"]
