@@ -1,20 +1,15 @@
 """Tensor-parallel sharding without processes: the shard arithmetic, and every rank's slice of a
 tiny random model (built and loaded through the real loader) against the unsharded model.
 
-The ranks run as threads of this process; their collectives go through `ThreadGroup`, a test
-double of TensorParallelGroup that sums / gathers in rank order through a barrier. The real
+The ranks run as threads of this process (kvport.testing.thread_group); their collectives go
+through `ThreadGroup`, a double of TensorParallelGroup that sums / gathers in rank order. The real
 torch.distributed (gloo) path runs end to end in tests/test_tensor_parallel.py.
 """
 from __future__ import annotations
 
-import threading
-
-import numpy as np
 import pytest
 import torch
 
-from kvport.attention_backends.interface import AttentionSpec, CommonAttentionMetadata
-from kvport.attention_backends.torch_reference import TorchReferenceBackend
 from kvport.core.config import ConfigError
 from kvport.core.model_info import resolve_model
 from kvport.core.tensor_parallel import HeadShard, VocabShard, check_model_fits, split_evenly
@@ -24,9 +19,7 @@ from kvport.models.qwen3 import Qwen3ForCausalLM
 from kvport.models.tp_group import TensorParallelGroup
 
 from conftest import build_tiny_model
-
-BLOCK_SIZE = 4
-
+from tp_cases import checkpoint_weights, run_steps, sharded_logits, tp_backend
 
 # ------------------------------------------------------------------ shard arithmetic
 
@@ -66,122 +59,6 @@ def test_model_must_have_a_kv_head_per_rank(tmp_path):
 
 # ------------------------------------------------------------------ sharded model vs whole
 
-class _Shared:
-    def __init__(self, size: int):
-        self.barrier = threading.Barrier(size, timeout=60)
-        self.slots: list = [None] * size
-
-
-class ThreadGroup(TensorParallelGroup):
-    """Collectives between threads of this process, summing and gathering in rank order."""
-
-    def __init__(self, rank: int, size: int, shared: _Shared):
-        super().__init__(rank, size)
-        self.shared = shared
-
-    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        self.shared.slots[self.rank] = x.clone()
-        self.shared.barrier.wait()
-        parts = list(self.shared.slots)
-        self.shared.barrier.wait()            # nobody overwrites a slot before all have read
-        return parts
-
-    def all_reduce(self, x):
-        parts = self._exchange(x)
-        total = parts[0]
-        for part in parts[1:]:
-            total = total + part
-        return x.copy_(total)
-
-    def gather_to_first(self, x, size):
-        parts = self._exchange(x)
-        return torch.cat(parts, dim=-1)[..., :size] if self.is_first else None
-
-    def broadcast_from_first(self, x):
-        return x.copy_(self._exchange(x)[0])
-
-
-def _backend(info, heads: HeadShard, dtype: str = "float32") -> TorchReferenceBackend:
-    return TorchReferenceBackend(AttentionSpec(heads.num_heads, heads.num_kv_heads,
-                                               info.head_size, BLOCK_SIZE, dtype,
-                                               info.head_size ** -0.5))
-
-
-def _steps(prompts: list[list[int]]):
-    """A prefill step of every prompt, then one decode step each: [(ids, positions, meta)]."""
-    blocks = [list(range(1 + 8 * i, 9 + 8 * i)) for i in range(len(prompts))]
-
-    def metadata(starts, lens):
-        qsl = np.concatenate([[0], np.cumsum([e - s for s, e in zip(starts, lens)])])
-        table = np.array(blocks, dtype=np.int32)
-        slots = [b[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-                 for b, s, e in zip(blocks, starts, lens) for p in range(s, e)]
-        return CommonAttentionMetadata(query_start_loc=qsl.astype(np.int32),
-                                       seq_lens=np.array(lens, dtype=np.int32),
-                                       block_table=table, slot_mapping=np.array(slots))
-    lens = [len(p) for p in prompts]
-    prefill = (sum(prompts, []), [i for n in lens for i in range(n)],
-               metadata([0] * len(prompts), lens))
-    nexts = [(7 * i + 5) % 300 for i in range(len(prompts))]
-    decode = (nexts, lens, metadata(lens, [n + 1 for n in lens]))
-    return [prefill, decode]
-
-
-def _run(model, info, num_kv_heads: int, prompts) -> list[torch.Tensor | None]:
-    """Logits of the last token of every request, per step."""
-    backend = model.model.layers[0].self_attn.attn_backend
-    shape = backend.kv_cache_shape(8 * len(prompts) + 1, BLOCK_SIZE, num_kv_heads,
-                                   info.head_size)
-    dtype = model.model.norm.weight.dtype
-    caches = [torch.zeros(shape, dtype=dtype) for _ in range(info.num_layers)]
-    results = []
-    with torch.inference_mode():
-        for ids, positions, common in _steps(prompts):
-            hidden = model(torch.tensor(ids), torch.tensor(positions), caches,
-                           backend.build_metadata(common, torch.device("cpu")))
-            last = torch.from_numpy(common.query_start_loc[1:].astype(np.int64) - 1)
-            results.append(model.compute_logits(hidden[last]))
-    return results
-
-
-def _weights(info) -> list[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors, biases made non-zero (transformers initializes them to 0)."""
-    from kvport.models.weights import iter_weights
-    generator = torch.Generator().manual_seed(1)
-    return [(n, t + 0.2 * torch.randn(t.shape, generator=generator) if n.endswith(".bias")
-             else t) for n, t in iter_weights(info)]
-
-
-def _sharded_logits(info, model_class, size: int, prompts, dtype=torch.float32,
-                    reduce_in_float32: bool = False):
-    shared = _Shared(size)
-    outputs: list = [None] * size
-    errors: list[BaseException] = []
-
-    def rank_main(rank: int) -> None:
-        try:
-            group = ThreadGroup(rank, size, shared)
-            group.reduce_in_float32 = reduce_in_float32
-            heads = HeadShard.of(info.num_heads, info.num_kv_heads, size, rank)
-            model = build_model(info, model_class, dtype,
-                                _backend(info, heads, str(dtype).removeprefix("torch.")),
-                                "cpu", weights=_weights(info), model_kwargs={"tp": group})
-            outputs[rank] = _run(model, info, heads.num_kv_heads, prompts)
-        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
-            errors.append(exc)
-            shared.barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    assert all(step is None for out in outputs[1:] for step in out), "only rank 0 gets logits"
-    return outputs[0]
-
-
 CASES = {
     # uneven heads (3 KV heads on 2 ranks), biased o_proj (row-parallel bias), odd vocab
     "llama-uneven-heads": ("llama", LlamaForCausalLM, 2,
@@ -203,10 +80,10 @@ def test_sharded_model_matches_the_whole_model(case, tmp_path):
     info = resolve_model(build_tiny_model(str(tmp_path), family, seed=5, **overrides))
     prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(3 + 5 * i)] for i in range(3)]
     whole = HeadShard.of(info.num_heads, info.num_kv_heads, 1, 0)
-    model = build_model(info, model_class, torch.float32, _backend(info, whole), "cpu",
-                        weights=_weights(info))
-    expected = _run(model, info, info.num_kv_heads, prompts)
-    got = _sharded_logits(info, model_class, size, prompts)
+    model = build_model(info, model_class, torch.float32, tp_backend(info, whole), "cpu",
+                        weights=checkpoint_weights(info))
+    expected = run_steps(model, info, info.num_kv_heads, prompts)
+    got = sharded_logits(info, model_class, size, prompts)
     for step_got, step_expected in zip(got, expected):
         assert step_got.shape == step_expected.shape == (len(prompts), info.vocab_size)
         torch.testing.assert_close(step_got, step_expected, atol=2e-5, rtol=2e-5)
@@ -223,11 +100,12 @@ def test_float32_reduction_rounds_once_like_one_rank(tmp_path):
     prompts = [[(11 * i + 3 * j) % 300 + 3 for j in range(3 + 5 * i)] for i in range(3)]
     whole = HeadShard.of(info.num_heads, info.num_kv_heads, 1, 0)
     model = build_model(info, LlamaForCausalLM, torch.bfloat16,
-                        _backend(info, whole, "bfloat16"), "cpu", weights=_weights(info))
-    expected = torch.cat(_run(model, info, info.num_kv_heads, prompts))
+                        tp_backend(info, whole, "bfloat16"), "cpu",
+                        weights=checkpoint_weights(info))
+    expected = torch.cat(run_steps(model, info, info.num_kv_heads, prompts))
     errors = {}
     for in_float32 in (False, True):
-        got = torch.cat(_sharded_logits(info, LlamaForCausalLM, 2, prompts, torch.bfloat16,
+        got = torch.cat(sharded_logits(info, LlamaForCausalLM, 2, prompts, torch.bfloat16,
                                         reduce_in_float32=in_float32))
         assert got.dtype == torch.float32 and got.shape == expected.shape
         errors[in_float32] = float((got - expected).abs().max())
@@ -240,7 +118,7 @@ def test_checkpoint_shapes_are_checked_before_slicing(tmp_path):
     group = TensorParallelGroup(1, 2)          # never communicates: loading only
     heads = HeadShard.of(info.num_heads, info.num_kv_heads, 2, 1)
     with torch.device("meta"):
-        model = LlamaForCausalLM(info.hf_config, _backend(info, heads), tp=group)
+        model = LlamaForCausalLM(info.hf_config, tp_backend(info, heads), tp=group)
     model.to_empty(device="cpu")
     weights = [(n, t[:, :-1] if n.endswith("o_proj.weight") else t)
                for n, t in iter_weights(info)]

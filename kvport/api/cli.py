@@ -20,6 +20,7 @@ ENGINE_OPTIONS = {
     "served_model_name": "served_model_name",
     "tensor_parallel_size": "tensor_parallel_size",
     "custom_all_reduce": "custom_all_reduce", "tp_reduce_dtype": "tp_reduce_dtype",
+    "tp_invariant": "tp_invariant",
     # serve only (add_replica_arguments)
     "data_parallel_size": "data_parallel_size", "distributed_executor": "distributed_executor",
     "ray_address": "ray_address", "ray_gpus_per_replica": "ray_gpus_per_replica",
@@ -84,6 +85,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                             "products in the model dtype (auto: fastest) or in float32, "
                             "rounded once as on one device: outputs closest to one device's, "
                             "twice the all-reduce bytes (default: auto)")
+    group.add_argument("--tp-invariant", action="store_true", default=None,
+                       help="bit-identical logits at tensor-parallel sizes 1, 2, 4 and 8: "
+                            "shape-invariant matmul kernels and float32 partial sums added in "
+                            "a fixed tree, where the platform offers them (CUDA); slower "
+                            "(docs/distributed.md) (default: off)")
 
 
 def add_replica_arguments(parser: argparse.ArgumentParser) -> None:

@@ -135,6 +135,10 @@ class TritonPagedAttentionBackend(AttentionBackend):
         self.block_m = max(self.launch.prefill_block_m, triton_next_pow2(G))
         self.block_q = self.block_m // G                # query tokens per prefill tile
         self._sm_count: dict[torch.device, int] = {}
+        # KV heads the split-KV choice counts: this rank's by default. tp_invariant sets the
+        # model's total, so every tensor-parallel size splits a context alike (the splits'
+        # partial results are combined in float32, so another split is other bits).
+        self.split_kv_heads = spec.num_kv_heads
 
     @classmethod
     def validate_spec(cls, spec: AttentionSpec) -> None:
@@ -193,7 +197,7 @@ class TritonPagedAttentionBackend(AttentionBackend):
         """Split-KV factor of a decode batch: a power of two that brings the grid to about
         `decode_programs_per_sm` programs per SM, with splits of `min_split_tokens` or more."""
         launch = self.launch
-        programs = max(num_reqs * self.spec.num_kv_heads, 1)
+        programs = max(num_reqs * self.split_kv_heads, 1)
         wanted = -(-launch.decode_programs_per_sm * self.sm_count(device) // programs)
         by_length = max(max_seq_len // launch.min_split_tokens, 1)
         splits = max(1, min(wanted, by_length, launch.max_splits))

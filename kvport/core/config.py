@@ -129,6 +129,8 @@ class DeviceConfig:
 
 
 DISTRIBUTED_EXECUTORS = ("mp", "ray")
+# tp_invariant's tree of partial sums has 8 leaves; these sizes give each rank a whole subtree.
+TP_INVARIANT_SIZES = (1, 2, 4, 8)
 
 
 @dataclass
@@ -155,6 +157,10 @@ class ParallelConfig:
     (each rank's part rounded, then the sum rounded: fastest); "float32" keeps the parts in
     float32 and rounds the sum once, as one device's matmul does, so tensor-parallel outputs
     match one device's far more closely (twice the all-reduce bytes).
+    tp_invariant: compute every matmul with the platform's shape-invariant kernels and add
+    the row-parallel layers' float32 partial sums in a fixed binary tree, so that
+    tensor_parallel_size 1, 2, 4 and 8 give bit-identical logits (kvport/models/invariant.py).
+    Slower; only where the platform offers the kernels (`Platform.supports_tp_invariant`).
     """
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -166,6 +172,7 @@ class ParallelConfig:
     replica_health_check_timeout: float = 30.0
     custom_all_reduce: bool = True
     tp_reduce_dtype: str = "auto"
+    tp_invariant: bool = False
 
     def validate(self) -> None:
         if self.tensor_parallel_size < 1:
@@ -176,6 +183,10 @@ class ParallelConfig:
         if self.tp_reduce_dtype not in ("auto", "float32"):
             raise ConfigError(f"tp_reduce_dtype must be auto or float32, "
                               f"got {self.tp_reduce_dtype!r}")
+        if self.tp_invariant and self.tensor_parallel_size not in TP_INVARIANT_SIZES:
+            raise ConfigError(f"tp_invariant needs tensor_parallel_size 1, 2, 4 or 8, got "
+                              f"{self.tensor_parallel_size}: the partial sums are added in a "
+                              "fixed binary tree of 8 groups, which those sizes cut evenly")
         if self.distributed_executor not in DISTRIBUTED_EXECUTORS:
             raise ConfigError("distributed_executor must be one of "
                               f"{', '.join(DISTRIBUTED_EXECUTORS)}, "
@@ -220,6 +231,9 @@ class EngineConfig:
         self.scheduler.validate()
         self.device.validate()
         self.parallel.validate()
+        if self.parallel.tp_invariant and self.model.quantization is not None:
+            raise ConfigError(f"tp_invariant and quantization {self.model.quantization} cannot "
+                              "be combined: the invariant matmuls take the model dtype's weights")
         return self
 
     @classmethod

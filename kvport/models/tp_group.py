@@ -66,6 +66,24 @@ class TensorParallelGroup:
                 dist.all_reduce(x)
         return x
 
+    def sum_in_fixed_order(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum of `x` over the ranks added pairwise in rank order: r0 + r1 with two ranks,
+        (r0 + r1) + (r2 + r3) with four, and so on. Every rank gets the same bits, and they
+        are the bits one device gets adding the same partials in the same tree, whatever the
+        collective's own order (tp_invariant, kvport/models/invariant.py). May reuse `x`."""
+        if self.world_size == 1:
+            return x
+        if self.world_size == 2:                  # one addition: no order to differ in
+            return self.all_reduce(x)
+        return pairwise_sum(self.all_gather(x))
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every rank's `x` stacked in rank order: [world_size, *x.shape] on every rank."""
+        import torch.distributed as dist
+        out = torch.empty((self.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out
+
     def linear_all_reduce(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x W^T summed over the ranks: a row-parallel layer's product, written straight into
         the platform all-reduce's buffer where it offers one (x [..., in], W [out, in])."""
@@ -101,6 +119,16 @@ class TensorParallelGroup:
 
     def __repr__(self) -> str:
         return f"TensorParallelGroup(rank={self.rank}, world_size={self.world_size})"
+
+
+def pairwise_sum(parts: torch.Tensor) -> torch.Tensor:
+    """parts [n, ...] (n a power of two) added as a balanced binary tree over the first
+    dimension, neighbours first: ((p0 + p1) + (p2 + p3)) + ..."""
+    if parts.shape[0] & (parts.shape[0] - 1):
+        raise ValueError(f"a pairwise tree needs a power-of-two count, got {parts.shape[0]}")
+    while parts.shape[0] > 1:
+        parts = parts[0::2] + parts[1::2]
+    return parts[0]
 
 
 SINGLE_GROUP = TensorParallelGroup()

@@ -63,12 +63,19 @@ class Platform(abc.ABC):
         worker implements; none by default."""
         return ()
 
+    def supports_tp_invariant(self) -> bool:
+        """Whether this device's worker has shape-invariant matmul kernels for
+        `ParallelConfig.tp_invariant` (its `TorchWorker.invariant_matmul` returns them):
+        each output element's bits must depend only on its own input row and weight row,
+        never on the matrix shapes (kvport/models/invariant.py); False by default."""
+        return False
+
     def check_and_update_config(self, config: EngineConfig) -> None:
         """The one place a platform adjusts configuration (dtype, block size, graphs, ...).
 
         The default resolves `dtype="auto"` with `default_dtype` later, once the checkpoint is
-        known, and rejects dtypes and quantizations the device lacks. Override to add device
-        rules; call super().
+        known, and rejects dtypes, quantizations and tp_invariant where the device lacks them.
+        Override to add device rules; call super().
         """
         from kvport.core.config import ConfigError
         dtype = config.model.dtype
@@ -80,6 +87,9 @@ class Platform(abc.ABC):
             offered = ", ".join(self.supported_quantizations()) or "none"
             raise ConfigError(f"quantization {quantization} is not supported on "
                               f"{self.device_type}; supported: {offered}")
+        if config.parallel.tp_invariant and not self.supports_tp_invariant():
+            raise ConfigError(f"tp_invariant is not supported on {self.device_type}: its "
+                              "platform plugin has no shape-invariant matmul kernels")
 
     def resolve_dtype(self, config: EngineConfig, checkpoint_dtype: str) -> str:
         """The concrete dtype the model runs in."""

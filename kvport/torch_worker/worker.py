@@ -65,6 +65,12 @@ class TorchWorker(Worker):
         int8), or None for the portable torch ops; default None."""
         return None
 
+    def invariant_matmul(self):
+        """The platform's shape-invariant matmul for `ParallelConfig.tp_invariant`
+        (kvport.models.invariant.InvariantMatmul), or None where it has none; default None.
+        A platform returning one also answers True to `Platform.supports_tp_invariant`."""
+        return None
+
     def activate_device(self) -> None:
         """Make `self.device` this process's current device (CUDA: set_device); default
         nothing."""
@@ -113,11 +119,23 @@ class TorchWorker(Worker):
             model_kwargs["tp"] = self.tp
         self.model = build_model(self.model_info, model_class, self.dtype, self.attn_backend,
                                  self.device, model_kwargs=model_kwargs)
+        if self.config.parallel.tp_invariant:
+            self._make_tp_invariant()
         if self.config.model.quantization:
             from kvport.models.quantization import quantize_model
             method = self.config.model.quantization
             replaced = quantize_model(self.model, method, self.quantization_kernels(method))
             logger.info("quantized %d linear layers to %s", replaced, method)
+
+    def _make_tp_invariant(self) -> None:
+        from kvport.models.invariant import make_tp_invariant
+        matmul = self.invariant_matmul()
+        if matmul is None:
+            raise ConfigError(f"tp_invariant: the {self.platform.device_type} worker has no "
+                              "shape-invariant matmul")
+        counts = make_tp_invariant(self.model, matmul, self.tp)
+        logger.info("tp_invariant: %d column-parallel and %d row-parallel layers and the LM "
+                    "head on the shape-invariant matmul", counts["column"], counts["row"])
 
     def bytes_per_block(self) -> int:
         """KV bytes of one block over all layers, for this worker's KV heads."""

@@ -18,6 +18,8 @@ bf16 model, for agreement and for throughput, in one run.
    runs: random weights put many top-2 logits closer than bf16 rounding); the throughput
    ratio TP=2 / TP=1 (goal: 1.6x). --tp1-self-check: TP=1 teacher-forced a second time in
    reverse order, and TP=1's agreement with itself (the noise floor of the first figure).
+   --tp-invariant: TP=1 and TP=2 once more under tp_invariant, whose agreement should be
+   every position with equal logprobs (kvport/models/invariant.py), and what it costs.
    Each W1 run also records its steps by phase (`step_phases`: prefill chunks while prompts
    wait, then decode steps by how many requests ran), and the summary gives TP=1's time over
    TP=2's per phase: where the ratio is won or lost.
@@ -222,17 +224,22 @@ def free_memory(args) -> list[str]:
 
 def run_engine(tp: int, args, prefixes, requests, report: Report, eager: bool = False,
                sync: bool = False, nccl_only: bool = False,
-               float32_reduce: bool = False) -> dict | None:
+               float32_reduce: bool = False, invariant: bool = False) -> dict | None:
     """Start an engine of `tp` ranks, teacher-force (unless `prefixes` is empty), then time
     W1. `sync`: without async scheduling. `nccl_only`: every all-reduce through NCCL (no
-    symmetric memory). `float32_reduce`: tp_reduce_dtype float32. None if it failed."""
+    symmetric memory). `float32_reduce`: tp_reduce_dtype float32. `invariant`: tp_invariant.
+    None if it failed."""
     from kvport import LLM
     name = (f"tp{tp}" + ("_eager" if eager else "") + ("_sync" if sync else "")
-            + ("_nccl" if nccl_only else "") + ("_f32reduce" if float32_reduce else ""))
+            + ("_nccl" if nccl_only else "") + ("_f32reduce" if float32_reduce else "")
+            + ("_invariant" if invariant else ""))
     result: dict = {"tensor_parallel_size": tp, "enforce_eager": eager,
                     "custom_all_reduce": not nccl_only,
-                    "tp_reduce_dtype": "float32" if float32_reduce else "auto"}
+                    "tp_reduce_dtype": "float32" if float32_reduce else "auto",
+                    "tp_invariant": invariant}
     extra = {"async_scheduling": False} if sync else {}
+    if invariant:
+        extra["tp_invariant"] = True
     if nccl_only:
         extra["custom_all_reduce"] = False
     if float32_reduce:
@@ -255,7 +262,8 @@ def run_engine(tp: int, args, prefixes, requests, report: Report, eager: bool = 
                 result["teacher_again"] = {k: v[::-1] for k, v in again.items()}
                 log(f"{name}: teacher-forced again, in reverse order")
         report.phase(name, result)
-        limit = time_for_throughput(tp == 1 and not sync, result["startup_s"], args)
+        limit = time_for_throughput(tp == 1 and not (sync or invariant), result["startup_s"],
+                                    args)
         if limit < 20:
             log(f"{name}: skipping throughput (deadline)")
             result["throughput"] = "skipped: deadline"
@@ -312,6 +320,10 @@ def main() -> int:
     p.add_argument("--tp2-float32-reduce", action="store_true",
                    help="then TP=2 again with tp_reduce_dtype float32 (teacher forcing and "
                         "throughput), if time is left")
+    p.add_argument("--tp-invariant", action="store_true",
+                   help="then TP=1 and TP=2 again with tp_invariant (teacher forcing and "
+                        "throughput): their agreement (expected: every logit equal) and what "
+                        "the mode costs, if time is left")
     p.add_argument("--tp2-nccl", action="store_true",
                    help="finally, time TP=2 with every all-reduce through NCCL too (no "
                         "symmetric memory), if time is left")
@@ -344,6 +356,8 @@ def main() -> int:
     code = summarize(one, two, report)
     if args.tp2_float32_reduce:
         float32_reduce_run(args, one, prefixes, requests, report)
+    if args.tp_invariant:
+        invariant_runs(args, one, prefixes, requests, report)
     if args.tp2_nccl:
         nccl_run(args, requests, report)
     if args.tp1_sync:
@@ -366,6 +380,29 @@ def float32_reduce_run(args, one: dict | None, prefixes, requests, report: Repor
         report.write()
         log("TP=2 float32 reduce: " + json.dumps({k: summary.get(k) for k in (
             "agreement_float32_reduce", "tp2_float32_reduce_over_tp1")}))
+
+
+def invariant_runs(args, one: dict | None, prefixes, requests, report: Report) -> None:
+    """TP=1 and TP=2 under tp_invariant: TP=2's agreement with TP=1 (both invariant), and
+    each one's throughput against the default TP=1's."""
+    runs = {}
+    for tp in (1, 2):
+        if remaining(args) < 150:
+            log(f"tp{tp}_invariant: skipped (deadline)")
+            return
+        runs[tp] = run_engine(tp, args, prefixes, requests, report, invariant=True)
+    summary = report.data["phases"]["summary"]
+    if runs[1] and runs[2]:
+        summary["agreement_invariant"] = agreement(runs[1]["teacher"], runs[2]["teacher"])
+        summary["invariant_logprobs_equal"] = runs[1]["teacher"] == runs[2]["teacher"]
+    for tp, run in runs.items():
+        if run and one and isinstance(run.get("throughput"), dict) and \
+                isinstance(one.get("throughput"), dict):
+            summary[f"tp{tp}_invariant_over_tp1"] = (run["throughput"]["output_tok_s"]
+                                                     / one["throughput"]["output_tok_s"])
+    report.write()
+    log("tp_invariant: " + json.dumps({k: v for k, v in summary.items()
+                                       if "invariant" in k}))
 
 
 def nccl_run(args, requests, report: Report) -> None:

@@ -45,6 +45,10 @@ class CudaPlatform(Platform):
     def distributed_backend(self) -> str:
         return "nccl"
 
+    def supports_tp_invariant(self) -> bool:
+        """kvport_cuda/invariant_matmul.py: fixed tiles, no split-K (checked on Hopper)."""
+        return True
+
     def bind_tensor_parallel_rank(self, rank: int, world_size: int) -> None:
         """Rank r computes on GPU r of this host (as CUDA_VISIBLE_DEVICES numbers them)."""
         from kvport.core.config import ConfigError

@@ -7,6 +7,7 @@ import logging
 import torch
 
 from kvport.attention_backends.triton_paged import TritonPagedAttentionBackend
+from kvport.core.config import ConfigError
 from kvport.torch_worker.model_runner import TorchModelRunner
 from kvport.torch_worker.worker import TorchWorker
 from kvport_cuda.all_reduce_norm import AllReduceNorm
@@ -50,8 +51,15 @@ class CudaWorker(TorchWorker):
         logger.info("tensor-parallel all-reduce: %s up to %d KiB, NCCL above", reason,
                     fast.limits.max_bytes // 1024)
 
+    def invariant_matmul(self):
+        """kvport_cuda/invariant_matmul.py's fixed-tile Triton matmul."""
+        from kvport_cuda.invariant_matmul import invariant_linear
+        return invariant_linear
+
     def load_model(self) -> None:
         super().load_model()
+        if self.config.parallel.tp_invariant:
+            self._keep_attention_invariant()
         fused = fuse_rms_norms(self.model)
         counts = fuse_elementwise(self.model)
         logger.info("Triton kernels swapped in: %d RMSNorm layers (with their residual adds), "
@@ -59,13 +67,23 @@ class CudaWorker(TorchWorker):
                     counts["silu_and_mul"])
         self._fuse_all_reduce_norms()
 
+    def _keep_attention_invariant(self) -> None:
+        """Under tp_invariant the split-KV choice must not see this rank's share of the heads
+        (each split count combines partial softmaxes into other bits)."""
+        if not isinstance(self.attn_backend, TritonPagedAttentionBackend):
+            raise ConfigError(f"tp_invariant: attention backend {self.attn_backend.name!r} is "
+                              "not known to compute a head alike at every tensor-parallel "
+                              "size; use triton_paged")
+        self.attn_backend.split_kv_heads = self.model_info.num_kv_heads
+
     def _fuse_all_reduce_norms(self) -> None:
         """Under tensor parallelism with the symmetric-memory all-reduce: each row-parallel
         matmul's sum, the residual add and the norm after it in one kernel (every rank runs
         this, in the same order: it allocates shared memory collectively)."""
         fast = self.tp.fast_all_reduce
         if (self.tp.world_size == 1 or not isinstance(fast, SymmetricMemoryAllReduce)
-                or self.tp.reduce_in_float32 or fast.dtype != self.dtype):
+                or self.tp.reduce_in_float32 or fast.dtype != self.dtype
+                or self.config.parallel.tp_invariant):
             return
         if not can_fuse_all_reduce_norms(self.model):
             logger.info("tensor-parallel all-reduce not fused with the norms: %s is not a "

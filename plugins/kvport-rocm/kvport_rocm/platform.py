@@ -30,6 +30,11 @@ class RocmPlatform(CudaPlatform):
     def has_native_bf16(self) -> bool:
         return self.architecture().startswith(BF16_ARCHITECTURES)
 
+    def supports_tp_invariant(self) -> bool:
+        """Not offered: the invariant kernel's bit-exactness was checked on NVIDIA GPUs only,
+        and this plugin has never run on AMD hardware."""
+        return False
+
     def distributed_backend(self) -> str:
         # torch.distributed's backend name: PyTorch's ROCm build serves "nccl" with RCCL.
         return "nccl"
